@@ -1,0 +1,237 @@
+"""Reading flat state dicts from disk and mapping them strictly onto Flax params.
+
+`load_state_dict` returns `{key: np.ndarray}` from `.bin`/`.pth`/`.pt`/`.ckpt` (PyTorch
+zip-pickle, read by a restricted unpickler: no PyTorch, no code execution), `.safetensors`
+and `.npz`. `StrictStateDict` records every key a converter takes, so that a conversion
+fails with one error that lists every missing, unexpected and misshapen key at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model it is converted into."""
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.ndarray]:
+    """Loads a flat `{name: array}` state dict from a PyTorch, safetensors or npz file.
+
+    Args:
+      path: the checkpoint file.
+      subkey: for PyTorch files that wrap the weights in a dict (`model_state_dict`,
+        Lightning's `state_dict`): the entry to take. None takes the top level, or, when
+        the top level holds exactly one of the usual wrapper keys, that one.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        sd = dict(load_file(path))
+    elif lower.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            # Parity fixtures keep weights under `sd/`; accept them directly.
+            if any(k.startswith("sd/") for k in keys):
+                sd = {k[3:]: np.asarray(z[k]) for k in keys if k.startswith("sd/")}
+            else:
+                sd = {k: np.asarray(z[k]) for k in keys}
+    elif lower.endswith((".bin", ".pth", ".pt", ".ckpt")):
+        from softdimo_jax.conversion.torch_pickle import load_torch_file
+
+        obj = load_torch_file(path)
+        sd = _unwrap(obj, subkey, path)
+    else:
+        raise ConversionError(
+            f"unknown checkpoint format for {path!r}: expected .bin/.pth/.pt/.ckpt "
+            "(PyTorch zip-pickle), .safetensors or .npz"
+        )
+    if subkey is not None and not lower.endswith((".bin", ".pth", ".pt", ".ckpt")):
+        prefix = subkey + "."
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} or sd
+    return sd
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def _unwrap(obj: Any, subkey: str | None, path: str) -> dict[str, np.ndarray]:
+    if subkey is not None:
+        if not isinstance(obj, Mapping) or subkey not in obj:
+            have = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ConversionError(f"{path!r} has no entry {subkey!r}; top-level entries: {have}")
+        obj = obj[subkey]
+    elif isinstance(obj, Mapping) and not any(isinstance(v, np.ndarray) for v in obj.values()):
+        found = [k for k in _WRAPPER_KEYS if k in obj]
+        if len(found) == 1:
+            obj = obj[found[0]]
+        else:
+            raise ConversionError(
+                f"{path!r} holds no flat state dict; top-level entries: {list(obj)}. "
+                "Pass the entry that holds the weights (e.g. --subkey model_state_dict)."
+            )
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, np.ndarray):
+            out[str(k)] = v
+        elif isinstance(v, (int, float)) and str(k).endswith("num_batches_tracked"):
+            out[str(k)] = np.asarray(v)
+    return out
+
+
+class StrictStateDict:
+    """A state dict that remembers which keys a converter used.
+
+    `take(key, shape)` returns the array (as float32 unless `dtype` says otherwise) and
+    records a missing key or a shape mismatch instead of raising, so that `finish()` can
+    report every problem at once. `aliases` maps legacy names to current ones
+    (e.g. MaskBit's `token_emb.` -> `input_proj.`). `ignore_prefixes` names keys that are
+    known not to belong to the model (Lightning's `loss.`); they are reported in
+    `self.ignored` and never count as unexpected.
+    """
+
+    def __init__(
+        self,
+        sd: Mapping[str, np.ndarray],
+        *,
+        name: str = "checkpoint",
+        aliases: Mapping[str, str] | None = None,
+        ignore_prefixes: Iterable[str] = (),
+        strip_prefixes: Iterable[str] = (),
+    ):
+        self.name = name
+        self._sd: dict[str, np.ndarray] = {}
+        self.ignored: list[str] = []
+        ignore_prefixes = tuple(ignore_prefixes)
+        for key, value in sd.items():
+            new = key
+            for p in strip_prefixes:
+                if new.startswith(p):
+                    new = new[len(p):]
+            for old, cur in (aliases or {}).items():
+                if new.startswith(old):
+                    new = cur + new[len(old):]
+            if ignore_prefixes and new.startswith(ignore_prefixes):
+                self.ignored.append(key)
+                continue
+            self._sd[new] = np.asarray(value)
+        self._used: set[str] = set()
+        self.missing: list[str] = []
+        self.misshapen: list[str] = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sd
+
+    def keys(self):
+        return self._sd.keys()
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        return tuple(self._sd[key].shape) if key in self._sd else None
+
+    def take(
+        self,
+        key: str,
+        shape: Iterable[int] | None = None,
+        *,
+        dtype: Any = np.float32,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        optional: bool = False,
+    ) -> np.ndarray | None:
+        """Marks `key` used and returns it; `shape` is checked on the source layout."""
+        if key not in self._sd:
+            if not optional:
+                self.missing.append(key + (f" {_fmt_shape(shape)}" if shape is not None else ""))
+            if shape is None:
+                return None
+            return np.zeros(tuple(shape), dtype=dtype)
+        self._used.add(key)
+        arr = self._sd[key]
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            self.misshapen.append(
+                f"{key}: checkpoint {_fmt_shape(arr.shape)}, model expects {_fmt_shape(shape)}"
+            )
+            return np.zeros(tuple(shape), dtype=dtype)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        if transform is not None:
+            arr = transform(arr)
+        return arr
+
+    def skip(self, *keys: str) -> None:
+        """Marks keys as deliberately unused (buffers the port recomputes)."""
+        for k in keys:
+            if k in self._sd:
+                self._used.add(k)
+
+    @property
+    def unexpected(self) -> list[str]:
+        return sorted(k for k in self._sd if k not in self._used)
+
+    def finish(self) -> None:
+        """Raises ConversionError listing every missing / unexpected / misshapen key."""
+        unexpected = self.unexpected
+        if not (self.missing or unexpected or self.misshapen):
+            return
+        lines = [f"{self.name}: the checkpoint does not match the model."]
+        for title, items in (
+            ("missing keys", self.missing),
+            ("unexpected keys", unexpected),
+            ("misshapen keys", self.misshapen),
+        ):
+            if items:
+                shown = items[:50]
+                lines.append(f"  {title} ({len(items)}):")
+                lines += [f"    {k}" for k in shown]
+                if len(items) > len(shown):
+                    lines.append(f"    ... and {len(items) - len(shown)} more")
+        lines.append(
+            "  Check that the checkpoint belongs to this model family and that the config "
+            "(sizes, bits, depth) matches the checkpoint."
+        )
+        raise ConversionError("\n".join(lines))
+
+
+def check_params_match(params: Any, expected: Any, *, name: str = "params") -> None:
+    """Checks that a converted params tree has exactly the expected structure and shapes.
+
+    `expected` is e.g. `jax.eval_shape(model.init, ...)['params']`: every target
+    parameter must be filled, with the right shape, and nothing extra.
+    """
+    from flax import traverse_util
+
+    got = traverse_util.flatten_dict(_unfreeze(params), sep="/")
+    want = traverse_util.flatten_dict(_unfreeze(expected), sep="/")
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    bad = [
+        f"{k}: converted {_fmt_shape(np.shape(got[k]))}, module expects {_fmt_shape(want[k].shape)}"
+        for k in sorted(set(got) & set(want))
+        if tuple(np.shape(got[k])) != tuple(want[k].shape)
+    ]
+    if missing or extra or bad:
+        lines = [f"{name}: converted parameters do not match the Flax module."]
+        for title, items in (("unfilled", missing), ("extra", extra), ("misshapen", bad)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:30]))
+        raise ConversionError("\n".join(lines))
+
+
+def _unfreeze(tree):
+    try:
+        from flax.core import unfreeze
+
+        return unfreeze(tree)
+    except Exception:  # already a plain dict
+        return tree
