@@ -77,7 +77,7 @@ def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float
     """The pytorch-fid formulation (scipy sqrtm of S1·S2), kept for cross-checks."""
     diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    covmean, _ = scipy.linalg.sqrtm(s1.dot(s2), disp=False)
+    covmean = scipy.linalg.sqrtm(s1.dot(s2))
     if not np.isfinite(covmean).all():
         offset = np.eye(s1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((s1 + offset).dot(s2 + offset))
