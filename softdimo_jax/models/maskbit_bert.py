@@ -1,0 +1,271 @@
+"""MaskBit's `LFQBert` (the class-conditional bit-token teacher) as a Flax linen module.
+
+Parameter-compatible with the PyTorch original (see `softdimo_jax.conversion.maskbit`):
+input_proj Linear(bits -> d) on ±1/0 bit vectors, class embedding with a drop label
+(`num_classes`) appended as the LAST sequence position, learned position embedding,
+LayerNorm(eps 1e-12) + dropout, `depth` BERT layers (post-norm by default), last layer
+Linear + exact GELU + LayerNorm, prediction layer -> (B, L, S, V) logits.
+
+The same module serves as teacher, generator and auxiliary: besides sub-token ids it
+accepts continuous bit vectors (soft embeddings) or precomputed input embeddings, and it
+can return every layer's hidden states (for discriminator heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from softdimo_jax.models import lfq
+
+_LN_EPS = 1e-12  # every LayerNorm of the original uses eps 1e-12
+
+
+def _layer_norm(name: str, dtype) -> nn.LayerNorm:
+    # use_fast_variance=False: the two-pass variance matches PyTorch to float32 round-off.
+    return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def _gelu(x):
+    return nn.gelu(x, approximate=False)  # torch.nn.GELU() default: exact erf GELU
+
+
+class SelfAttention(nn.Module):
+    """torch.nn.MultiheadAttention (bias, batch_first) without masking.
+
+    `in_proj` packs q, k, v along its output axis in that order, as torch's
+    `in_proj_weight` does; `out_proj` follows.
+    """
+
+    dim: int
+    heads: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        if self.dim % self.heads:
+            raise ValueError(f"hidden_dim {self.dim} is not divisible by heads {self.heads}")
+        b, n, _ = x.shape
+        hd = self.dim // self.heads
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="in_proj")(x)
+        qkv = qkv.reshape(b, n, 3, self.heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # torch scales q before the dot product; the order does not change float32 results
+        # beyond round-off, and softmax runs in float32 for bf16 compute.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        # torch's MultiheadAttention applies its dropout to the attention weights.
+        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.dim)
+        return nn.Dense(self.dim, dtype=self.dtype, name="out_proj")(out)
+
+
+class BertLayer(nn.Module):
+    """One transformer layer: attention block then MLP block, each with its own norm.
+
+    Post-norm (default): x = LN(x + drop(attn(x))); x = LN(x + drop(mlp(x))).
+    Pre-norm: x = x + drop(attn(LN(x))); x = x + drop(mlp(LN(x))).
+    """
+
+    dim: int
+    heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    use_prenorm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        attn = SelfAttention(self.dim, self.heads, self.dropout, self.dtype, name="attn")
+        attn_norm = _layer_norm("attn_norm", self.dtype)
+        fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_fc1")
+        fc2 = nn.Dense(self.dim, dtype=self.dtype, name="mlp_fc2")
+        mlp_norm = _layer_norm("mlp_norm", self.dtype)
+        mlp = lambda y: drop(fc2(_gelu(fc1(y))))
+        if self.use_prenorm:
+            x = x + drop(attn(attn_norm(x), deterministic))
+            return x + mlp(mlp_norm(x))
+        x = attn_norm(x + drop(attn(x, deterministic)))
+        return mlp_norm(x + mlp(x))
+
+
+class LFQBert(nn.Module):
+    """MaskBit's bit-token BERT. See the module docstring; build from a MaskBit constructor
+    dict with `maskbit_bert_from_cfg`."""
+
+    num_tokens: int
+    num_bits: int
+    splits: int = 2
+    hidden_dim: int = 1024
+    depth: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    num_classes: int = 1000
+    dropout: float = 0.1
+    use_prenorm: bool = False
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @property
+    def bits_per_split(self) -> int:
+        return lfq.bits_per_split(self.num_bits, self.splits)
+
+    @property
+    def vocab_size(self) -> int:
+        """V: classes per sub-token (MASK excluded)."""
+        return 2**self.bits_per_split
+
+    @property
+    def mask_token(self) -> int:
+        return lfq.mask_id(self.num_bits, self.splits)
+
+    @property
+    def drop_label(self) -> int:
+        return self.num_classes
+
+    def setup(self):
+        lfq.bits_per_split(self.num_bits, self.splits)  # validates the split
+        d = self.hidden_dim
+        self.input_proj = nn.Dense(d, dtype=self.dtype, name="input_proj")
+        self.class_emb = nn.Embed(self.num_classes + 1, d, dtype=self.dtype, name="class_emb")
+        self.pos_emb = self.param(
+            "pos_emb", nn.initializers.truncated_normal(0.02), (1, self.num_tokens + 1, d)
+        )
+        self.first_norm = _layer_norm("first_norm", self.dtype)
+        self.first_dropout = nn.Dropout(self.dropout)
+        if self.use_prenorm:
+            self.final_norm = _layer_norm("final_norm", self.dtype)
+        self.last_dense = nn.Dense(d, dtype=self.dtype, name="last_dense")
+        self.last_norm = _layer_norm("last_norm", self.dtype)
+        self.prediction = nn.Dense(self.splits * self.vocab_size, dtype=self.dtype, name="prediction")
+        # static_argnums=(2,): `deterministic` (argument 2 counting the module) is a Python bool.
+        layer_cls = nn.remat(BertLayer, static_argnums=(2,)) if self.remat else BertLayer
+        self.layers = [
+            layer_cls(self.hidden_dim, self.heads, self.mlp_dim, self.dropout, self.use_prenorm,
+                      self.dtype, name=f"layer_{i}")
+            for i in range(self.depth)
+        ]
+
+    def embed_bits(self, input_bits):
+        """(B, L, bits) split-major bit vectors (±1, 0 for MASK, or soft) -> (B, L, hidden)."""
+        if input_bits.shape[-1] != self.num_bits:
+            raise ValueError(
+                f"input_bits has {input_bits.shape[-1]} bits per token, the model expects {self.num_bits}"
+            )
+        return self.input_proj(input_bits)
+
+    def tokens_to_bits(self, tokens):
+        """(B, L, S) sub-token ids (MASK = 2**(bits/S)) -> (B, L, bits) ±1 / 0 bit vectors."""
+        return lfq.subtokens_to_bits(tokens, self.num_bits, self.splits, jnp.float32)
+
+    def __call__(
+        self,
+        tokens=None,
+        labels=None,
+        *,
+        drop_label_mask=None,
+        input_bits=None,
+        input_embeddings=None,
+        deterministic: bool = True,
+        return_features: bool = False,
+    ):
+        given = [n for n, v in (("tokens", tokens), ("input_bits", input_bits),
+                                ("input_embeddings", input_embeddings)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "LFQBert takes exactly one of tokens, input_bits, input_embeddings; got "
+                + (", ".join(given) if given else "none")
+            )
+        if labels is None:
+            raise ValueError("LFQBert needs class labels (B,); use drop_label_mask for unconditional")
+
+        if tokens is not None:
+            if tokens.ndim != 3 or tokens.shape[-1] != self.splits:
+                raise ValueError(
+                    f"tokens must be (B, L, S={self.splits}) sub-token ids, got shape {tokens.shape}"
+                )
+            input_bits = self.tokens_to_bits(tokens)
+        if input_bits is not None:
+            input_embeddings = self.embed_bits(input_bits.astype(self.dtype))
+        b, n, d = input_embeddings.shape
+        if n != self.num_tokens or d != self.hidden_dim:
+            raise ValueError(
+                f"expected {self.num_tokens} tokens of width {self.hidden_dim}, got input of shape "
+                f"{input_embeddings.shape}"
+            )
+
+        labels = jnp.asarray(labels, jnp.int32).reshape(b)
+        if drop_label_mask is not None:
+            labels = jnp.where(jnp.asarray(drop_label_mask, bool).reshape(b), self.drop_label, labels)
+        cls = self.class_emb(labels)[:, None, :]
+
+        # The class token goes LAST, after the L image tokens.
+        x = jnp.concatenate([input_embeddings.astype(self.dtype), cls.astype(self.dtype)], axis=1)
+        x = x + self.pos_emb.astype(self.dtype)
+        x = self.first_norm(x)
+        x = self.first_dropout(x, deterministic=deterministic)
+
+        features = []
+        for layer in self.layers:
+            x = layer(x, deterministic)
+            features.append(x)
+        if self.use_prenorm:
+            x = self.final_norm(x)
+        x = self.last_norm(_gelu(self.last_dense(x)))
+        logits = self.prediction(x[:, : self.num_tokens])
+        logits = logits.reshape(b, self.num_tokens, self.splits, self.vocab_size).astype(jnp.float32)
+        if return_features:
+            return logits, tuple(features)
+        return logits
+
+
+def _cfg_get(cfg: Mapping[str, Any], key: str, default=None):
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def maskbit_bert_from_cfg(cfg: Mapping[str, Any], **overrides) -> LFQBert:
+    """Builds an LFQBert from MaskBit's constructor arguments (as in the parity fixtures:
+    img_size, hidden_dim, codebook_size, codebook_splits, depth, heads, mlp_dim, dropout,
+    nclass, input_stride, use_prenorm). Keyword overrides (dtype, remat, dropout) win."""
+    img_size = int(_cfg_get(cfg, "img_size", 256))
+    stride = int(_cfg_get(cfg, "input_stride", 16))
+    codebook_size = int(_cfg_get(cfg, "codebook_size"))
+    bits = int(round(math.log2(codebook_size)))
+    if 2**bits != codebook_size:
+        raise ValueError(f"codebook_size {codebook_size} is not a power of two")
+    kwargs = dict(
+        num_tokens=(img_size // stride) ** 2,
+        num_bits=bits,
+        splits=int(_cfg_get(cfg, "codebook_splits", 1)),
+        hidden_dim=int(_cfg_get(cfg, "hidden_dim", 768)),
+        depth=int(_cfg_get(cfg, "depth", 24)),
+        heads=int(_cfg_get(cfg, "heads", 8)),
+        mlp_dim=int(_cfg_get(cfg, "mlp_dim", 3072)),
+        num_classes=int(_cfg_get(cfg, "nclass", 1000)),
+        dropout=float(_cfg_get(cfg, "dropout", 0.1)),
+        use_prenorm=bool(_cfg_get(cfg, "use_prenorm", False)),
+    )
+    kwargs.update(overrides)
+    return LFQBert(**kwargs)
+
+
+def maskbit_bert_from_config(config, **overrides) -> LFQBert:
+    """Builds an LFQBert from a `configs/maskbit.py` generator ConfigDict (our field names:
+    num_tokens, num_bits, splits, hidden_dim, depth, heads, mlp_dim, num_classes, dropout,
+    use_prenorm, dtype, remat)."""
+    fields = ("num_tokens", "num_bits", "splits", "hidden_dim", "depth", "heads", "mlp_dim",
+              "num_classes", "dropout", "use_prenorm", "remat")
+    kwargs = {f: _cfg_get(config, f) for f in fields if _cfg_get(config, f) is not None}
+    dtype = _cfg_get(config, "dtype")
+    if dtype is not None:
+        kwargs["dtype"] = jnp.dtype(dtype)
+    kwargs.update(overrides)
+    return LFQBert(**kwargs)
