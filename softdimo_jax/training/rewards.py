@@ -1,0 +1,146 @@
+"""Differentiable rewards, registered by name (SPEC §1.4, §1.5).
+
+A reward is a pure function `apply(params, images, condition) -> (B,)` with images NHWC
+float32 in [0, 1] and `condition` whatever the generator was conditioned on (class ids
+(B,) for class-to-image; a text-embedding pytree for text-to-image rewards such as CLIP
+score, HPS or ImageReward). Its weights travel as an explicit `params` pytree so jitted
+steps take them as frozen, non-donated arguments and nothing ever updates them.
+
+Rewards are built from the registry by name:
+
+    reward = build_reward("digits_classifier_logprob", classifier=clf, classifier_params=p)
+    rset = build_reward_set({"digits_classifier_logprob": 1.0}, classifier=clf, ...)
+    total, parts = rset.total(rset.params, images, labels)
+
+A factory receives every keyword resource the caller has (models, params, configs) and
+picks what it needs, so one `build_reward_set(config.rewards, **resources)` call serves any
+mix of rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    name: str
+    apply: Callable[[Any, jax.Array, Any], jax.Array]  # (params, images, condition) -> (B,)
+    params: Any = None
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: registers `factory(**resources) -> Reward` under `name`."""
+
+    def deco(factory):
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **resources) -> Reward:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; registered: {available_rewards()} "
+                       "(add one with @register_reward)")
+    reward = _REGISTRY[name](**resources)
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward factory {name!r} returned {type(reward).__name__}, expected Reward")
+    return reward
+
+
+def _check_reward_output(name, value, batch):
+    if value.shape != (batch,):
+        raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward must return one "
+                         f"scalar per image, shape ({batch},)")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSet:
+    """Weighted sum Σ λ_i R_i. Images are clipped to [0, 1] first (the tokenizer decoder is
+    unclamped), so rewards always see valid images."""
+
+    rewards: tuple[Reward, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def params(self):
+        return tuple(r.params for r in self.rewards)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.rewards)
+
+    def total(self, params, images, condition):
+        """-> (Σ λ_i R_i (B,), {name: R_i (B,)})."""
+        if len(params) != len(self.rewards):
+            raise ValueError(f"got {len(params)} reward param sets for {len(self.rewards)} rewards")
+        if images.ndim != 4:
+            raise ValueError(f"rewards take NHWC images, got shape {images.shape}")
+        images = jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+        parts = {}
+        total = jnp.zeros((images.shape[0],), jnp.float32)
+        for r, w, p in zip(self.rewards, self.weights, params):
+            value = _check_reward_output(r.name, r.apply(p, images, condition).astype(jnp.float32),
+                                         images.shape[0])
+            parts[r.name] = value
+            total = total + w * value
+        return total, parts
+
+
+def build_reward_set(spec: Mapping[str, float] | Any, **resources) -> RewardSet:
+    """`spec`: {name: weight} (a dict or ConfigDict) or a sequence of (name, weight)."""
+    items = list(spec.items()) if hasattr(spec, "items") else [tuple(x) for x in spec]
+    if not items:
+        raise ValueError("no rewards configured: give at least one {name: weight}")
+    rewards = tuple(build_reward(name, **resources) for name, _ in items)
+    return RewardSet(rewards, tuple(float(w) for _, w in items))
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _resize_to(images, size):
+    if size is None or images.shape[1:3] == tuple(size):
+        return images
+    b, _, _, c = images.shape
+    return jax.image.resize(images, (b, size[0], size[1], c), method="linear", antialias=True)
+
+
+@register_reward("digits_classifier_logprob")
+def digits_classifier_logprob(*, classifier_apply=None, classifier_params=None,
+                              classifier_input_size=None, **_unused) -> Reward:
+    """log p(c | image) under the digits evaluation classifier: our stand-in for a CLIP
+    score on the embedded default. `classifier_apply(params, images) -> logits (B, classes)`
+    takes NHWC [0, 1] images; `classifier_input_size` (h, w) resizes first if set."""
+    if classifier_apply is None or classifier_params is None:
+        raise ValueError("digits_classifier_logprob needs classifier_apply and classifier_params "
+                         "(the digits evaluation classifier; see evaluation/digits_classifier.py)")
+
+    def apply(params, images, labels):
+        logits = classifier_apply(params, _resize_to(images, classifier_input_size)).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        labels = jnp.asarray(labels, jnp.int32)
+        return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+    return Reward("digits_classifier_logprob", apply, classifier_params)
+
+
+@register_reward("brightness")
+def brightness(**_unused) -> Reward:
+    """Mean pixel value: a weight-free toy reward (tests, smoke runs)."""
+    return Reward("brightness", lambda params, images, condition: jnp.mean(images, axis=(1, 2, 3)), {})
