@@ -123,3 +123,61 @@ def convert_maskgen_vq(sd: Mapping[str, np.ndarray], model: MaskGenVQ, *, name: 
     s.finish()
     check_params_match(p, maskgen_expected_params(model), name=name)
     return p
+
+
+# ----------------------------------------------------------------------------------------
+# Transformer blocks shared by the OpenCLIP text tower and the TA-TiTok ViTs
+
+
+def _resblock(s: StrictStateDict, pre: str, w: int, mlp_ratio: float = 4.0) -> dict:
+    h = int(w * mlp_ratio)
+    return {
+        "ln_1": _norm(s, pre + "ln_1", w),
+        "attn": {
+            "in_proj": {
+                "kernel": s.take(pre + "attn.in_proj_weight", (3 * w, w), transform=_linear_t),
+                "bias": s.take(pre + "attn.in_proj_bias", (3 * w,)),
+            },
+            "out_proj": _dense(s, pre + "attn.out_proj", w, w),
+        },
+        "ln_2": _norm(s, pre + "ln_2", w),
+        "c_fc": _dense(s, pre + "mlp.c_fc", w, h),
+        "c_proj": _dense(s, pre + "mlp.c_proj", h, w),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# OpenCLIP text tower
+
+
+def clip_text_expected_params(model) -> Any:
+    return _expected(model, jnp.zeros((1, model.context_length), jnp.int32))
+
+
+def convert_clip_text(
+    sd: Mapping[str, np.ndarray],
+    model,
+    *,
+    name: str = "openclip text",
+    ignore_prefixes=("visual.",),
+    strip_prefixes=(),
+) -> dict:
+    """OpenCLIP `CLIP` text-tower keys -> params of a ClipTextTransformer (strict).
+
+    A full CLIP state dict is accepted: its image tower (`visual.*`) is ignored (listed in
+    the StrictStateDict's `ignored`), `logit_scale` is skipped. `strip_prefixes` removes a
+    wrapper prefix (e.g. "text." for CustomTextCLIP exports, "module.")."""
+    s = StrictStateDict(sd, name=name, ignore_prefixes=ignore_prefixes, strip_prefixes=strip_prefixes)
+    w = model.width
+    p: dict[str, Any] = {
+        "token_embedding": {"embedding": s.take("token_embedding.weight", (model.vocab_size, w))},
+        "positional_embedding": s.take("positional_embedding", (model.context_length, w)),
+        "ln_final": _norm(s, "ln_final", w),
+        "text_projection": s.take("text_projection", (w, model.embed_dim)),
+    }
+    for i in range(model.layers):
+        p[f"resblocks_{i}"] = _resblock(s, f"transformer.resblocks.{i}.", w)
+    s.skip("logit_scale", "attn_mask", "logit_bias")
+    s.finish()
+    check_params_match(p, clip_text_expected_params(model), name=name)
+    return p

@@ -86,3 +86,36 @@ def _check_generate(fx, model, params, maskgen_generate) -> list[Check]:
     if "gen_step_aesthetic" in o:
         checks.append(compare("gen_step_aesthetic", trace["aesthetic"], o["gen_step_aesthetic"], "hidden"))
     return checks
+
+
+# ----------------------------------------------------------------------------------------
+def check_clip_text(fx: Fixture) -> list[Check]:
+    import os
+
+    from softdimo_jax.conversion.maskgen import convert_clip_text
+    from softdimo_jax.data.clip_bpe import ClipBPETokenizer, default_merges_path
+    from softdimo_jax.models.clip_text import clip_text_from_cfg, drop_to_null
+
+    model = clip_text_from_cfg(fx.cfg)
+    params = convert_clip_text(fx.sd, model, name=f"{fx.path}:sd")
+    v = {"params": params}
+    i, o = fx.inputs, fx.outputs
+    checks: list[Check] = []
+    with _hi():
+        out = model.apply(v, jnp.asarray(i["ids"], jnp.int32))
+        for name in ("penultimate", "pooled", "text_guidance"):
+            if name in o:
+                checks.append(compare(name, getattr(out, name), o[name], "hidden"))
+        if "pre_condition" in o:
+            pre = model.apply(v, jnp.asarray(i["pre_ids"], jnp.int32))
+            cond, pooled = drop_to_null(pre.penultimate[:-1], pre.pooled[:-1], pre.penultimate[-1:],
+                                        pre.pooled[-1:], i["pre_drop_mask"])
+            checks.append(compare("pre_condition", cond, o["pre_condition"], "hidden"))
+            checks.append(compare("pre_condition_pooled", pooled, o["pre_condition_pooled"], "hidden"))
+    if "tokenizer_ids" in o:
+        local = os.path.join(os.path.dirname(os.path.abspath(fx.path)), "bpe_simple_vocab_16e6.txt.gz")
+        path = local if os.path.exists(local) else default_merges_path()
+        tok = ClipBPETokenizer(path, context_length=int(fx.cfg.get("context_length", 77)))
+        ids = tok.tokenize(list(fx.cfg["tokenizer_captions"]))
+        checks.append(compare("tokenizer_ids", ids, o["tokenizer_ids"], "ids"))
+    return checks
