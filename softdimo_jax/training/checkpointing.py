@@ -1,0 +1,156 @@
+"""Orbax checkpoints of one stage: `<stage_dir>/checkpoints/<step>/{state,meta}`.
+
+`state` is the phase's whole pytree (params, optimiser state, EMA, ...), `meta` a small
+JSON record (step, stage name, the config that made it). Saves are atomic (orbax writes
+into a temporary directory and renames it when complete), asynchronous, keep-last-N.
+
+Restores go into an abstract target that carries shardings, so arrays land directly in
+their (possibly FSDP-sharded) layout. Before restoring, the stored tree and shapes are
+compared with the target: a checkpoint from another config raises
+`CheckpointMismatchError` naming the stage directory to delete, instead of an orbax or
+tensorstore traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint on disk was made by a different config (model size, optimiser...)."""
+
+
+def checkpoint_dir(stage_dir: str) -> str:
+    return os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+
+
+def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        checkpoint_dir(stage_dir),
+        # Handlers named up front so a fresh manager can read metadata before any save.
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(int(keep), 1), create=True, enable_async_checkpointing=async_save
+        ),
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def shape_table(tree) -> dict[str, tuple[int, ...]]:
+    """'a/b/0/c' -> shape. Path entries are normalised (dict key, attribute, index) because
+    orbax stores namedtuples (optax states) as dicts/lists in its metadata tree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(e) for e in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # older/foreign checkpoints without meta: the shape check still runs
+        return None
+
+
+def check_compatible(manager, step: int, target_shapes, stage_dir: str, name: str,
+                     config_json: Any = None) -> None:
+    """Raises CheckpointMismatchError if the stored state tree/shapes differ from the target."""
+    try:
+        stored_tree = manager.item_metadata(step)["state"].tree
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointMismatchError(
+            f"[{name}] cannot read the checkpoint metadata at step {step} in "
+            f"{checkpoint_dir(stage_dir)} ({e}); delete the stage directory "
+            f"{os.path.abspath(stage_dir)} to retrain this stage."
+        ) from e
+    want, have = shape_table(target_shapes), shape_table(stored_tree)
+    problems = []
+    for k in sorted(set(want) | set(have)):
+        if k not in have:
+            problems.append(f"{k} missing in the checkpoint")
+        elif k not in want:
+            problems.append(f"{k} not in this config's state")
+        elif want[k] != have[k]:
+            problems.append(f"{k}: checkpoint {have[k]} vs config {want[k]}")
+    if not problems:
+        return
+    note = ""
+    meta = read_meta(manager, step)
+    if isinstance(meta, dict) and config_json is not None:
+        diff = json_diff(meta.get("config"), config_json)
+        if diff:
+            note = "\n  config differences (checkpoint -> now): " + "; ".join(diff[:10])
+    raise CheckpointMismatchError(
+        f"[{name}] the checkpoint at step {step} in {checkpoint_dir(stage_dir)} was made with a "
+        f"different config ({len(problems)} arrays differ, e.g. {'; '.join(problems[:4])}){note}\n"
+        f"  Delete the stage directory {os.path.abspath(stage_dir)} (or use another --workdir) "
+        "to retrain this stage."
+    )
+
+
+def restore(manager, step: int, abstract_state, stage_dir: str, name: str, config_json=None):
+    """Restores `state` into `abstract_state` (ShapeDtypeStructs with shardings)."""
+    check_compatible(manager, step, abstract_state, stage_dir, name, config_json)
+    out = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
+    return out["state"]
+
+
+def load_latest_state(stage_dir: str, abstract_state=None, name: str = "stage"):
+    """Latest `state` of a finished stage (e.g. a teacher's params for distillation).
+
+    With `abstract_state` (ShapeDtypeStructs, optionally with shardings) the tree is checked
+    and restored into that layout; without, arrays come back as stored."""
+    manager = open_manager(stage_dir)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"[{name}] no checkpoint in {checkpoint_dir(stage_dir)}; run that stage first"
+            )
+        if abstract_state is None:
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return restore(manager, step, abstract_state, stage_dir, name)
+    finally:
+        manager.close()
+
+
+def json_diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += json_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if a != b:
+        return [f"{prefix[:-1] or '<root>'}: {json.dumps(a)} -> {json.dumps(b)}"]
+    return []
+
+
+def to_jsonable(config) -> Any:
+    """ConfigDict / nested dicts -> plain JSON types (for checkpoint metadata)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=str))
+
+
+def host_copy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

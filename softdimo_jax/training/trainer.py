@@ -1,0 +1,382 @@
+"""Training-loop machinery shared by every phase (tokenizer, teacher, classifier,
+distillation, GAN, reward).
+
+A phase hands the `Trainer` three pure pieces and the Trainer does everything else:
+
+    init_fn(rng) -> state
+        Any pytree of arrays (params, optimiser state, EMA, second model, ...). Built once
+        abstractly with `jax.eval_shape`, then materialised by `jax.jit(init_fn,
+        out_shardings=...)` directly in its sharded layout (no host copy of a big model).
+    step_fn(state, batch, rng, step, frozen) -> (state, metrics)
+        One jitted update. `rng` is already `jax.random.fold_in(seed_key, step)`, so a
+        step's randomness depends only on the step number (exact resume). `frozen` is a
+        pytree of models that do not train (a teacher, a tokenizer, a reward network):
+        passed explicitly, sharded like params, never donated, never checkpointed here.
+        `metrics` is a dict of scalars and must hold "loss" (checked for NaN/inf).
+        The old `state` is donated: its buffers are reused for the new one.
+    batch_fn(step) -> batch
+        This process's rows of the global batch for `step`, as host arrays with the batch
+        axis first (see `softdimo_jax.data`). Must be a pure function of the step number:
+        that, with the folded RNG, makes a resumed run bit-identical to an uninterrupted one.
+
+What the Trainer owns:
+- a ("data", "fsdp") mesh (`softdimo_jax.parallel.make_mesh`): the batch is split over
+  all devices; with FSDP the large arrays of the state are split along "fsdp" too;
+  per-process host batches become global arrays with
+  `jax.make_array_from_process_local_data` (multi-host ready);
+- an orbax `CheckpointManager` in `<stage_dir>/checkpoints`: atomic saves (orbax writes to
+  a temporary directory and renames), asynchronous writing, keep-last-N, restore into the
+  sharded abstract state; a checkpoint whose tree/shapes differ from this config's state
+  raises `CheckpointMismatchError` naming the directory to delete;
+- clu metric writers (TensorBoard, `<stage_dir>/tb`); only process 0 writes;
+- the non-finite guard: metrics are pulled to the host at every log and before every save;
+  a NaN/inf loss stops the run with `NonFiniteLossError` naming the step, and no checkpoint
+  is written after the last finite step (the last good one stays on disk);
+- progress lines with rate and ETA;
+- `wait_until_finished()` before returning, so no save is lost at exit.
+
+A run is "complete" when the latest checkpoint's step equals `num_steps`: `run()` then only
+restores (this is how the main command skips cached stages).
+
+Shared helpers for phases live here too: `make_optimizer` (AdamW/Adam, warm-up + cosine or
+constant, clipping), `ema_update`, and `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from softdimo_jax import parallel
+from softdimo_jax.training import checkpointing
+from softdimo_jax.training.checkpointing import CheckpointMismatchError, to_jsonable
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    step: int
+    history: list[dict[str, float]]  # logged (averaged) metrics, one dict per log interval
+    resumed_from: int | None  # step restored at start, None for a fresh run
+    trained: bool  # False when the run was already complete and only restored
+
+
+def make_optimizer(
+    learning_rate: float,
+    num_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip: float | None = None,
+    end_lr_fraction: float = 0.0,
+) -> optax.GradientTransformation:
+    """AdamW (Adam when weight_decay=0) with linear warm-up then cosine decay or constant."""
+    warmup_steps = int(min(warmup_steps, max(num_steps - 1, 0)))
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup_steps, 1), max(num_steps, warmup_steps + 1),
+            end_value=learning_rate * end_lr_fraction,
+        )
+    elif schedule == "constant":
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+             optax.constant_schedule(learning_rate)],
+            [max(warmup_steps, 1)],
+        )
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'")
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if grad_clip:
+        opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+    return opt
+
+
+def ema_update(ema, params, decay):
+    """ema ← decay·ema + (1 − decay)·params (decay may be a traced scalar)."""
+    return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def format_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _is_lead() -> bool:
+    return jax.process_index() == 0
+
+
+def _log(msg: str) -> None:
+    if _is_lead():
+        print(msg, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """Runs one phase; see the module docstring for the contract.
+
+    Args:
+      name: stage name (logs, error messages).
+      stage_dir: where `checkpoints/` and `tb/` go; None disables both (tests).
+      init_fn, step_fn, batch_fn: the phase (module docstring).
+      num_steps: total steps of the run.
+      seed: base RNG seed; step s uses fold_in(PRNGKey(seed), s).
+      mesh: a ("data", "fsdp") mesh (default: all devices, data parallel).
+      fsdp: shard large state arrays along the mesh's "fsdp" axis.
+      frozen: pytree of non-trained arrays given to every step (placed on the mesh here).
+      checkpoint_every, keep: save cadence and how many checkpoints to keep.
+      log_every: metrics cadence (host sync + NaN check + TensorBoard + progress line).
+      config_json: a JSON-able description stored with each checkpoint; on resume a
+        different stored value is reported in the mismatch error.
+      on_step_end: optional callback(step, state) after each host step (tests use it to
+        simulate a kill).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stage_dir: str | None,
+        init_fn: Callable,
+        step_fn: Callable,
+        batch_fn: Callable[[int], Any],
+        num_steps: int,
+        seed: int = 0,
+        mesh=None,
+        fsdp: bool = False,
+        frozen: Any = None,
+        checkpoint_every: int = 1000,
+        keep: int = 2,
+        log_every: int = 100,
+        config_json: Any = None,
+        on_step_end: Callable | None = None,
+        async_checkpointing: bool = True,
+    ):
+        self.name = name
+        self.stage_dir = stage_dir
+        self.init_fn = init_fn
+        self.step_fn = step_fn
+        self.batch_fn = batch_fn
+        self.num_steps = int(num_steps)
+        self.seed = int(seed)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.fsdp = bool(fsdp)
+        self.checkpoint_every = max(int(checkpoint_every), 1)
+        self.log_every = max(int(log_every), 1)
+        self.config_json = config_json
+        self.on_step_end = on_step_end
+
+        self.state_shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(self.seed))
+        self.state_shardings = parallel.params_shardings(self.mesh, self.state_shapes, self.fsdp)
+        self.frozen = self._place(frozen)
+        self._jit_step = None
+
+        self.writer = None
+        self.checkpoint_dir = None if stage_dir is None else checkpointing.checkpoint_dir(stage_dir)
+        self._keep = keep
+        self._async = async_checkpointing
+        self._manager = None
+
+    @property
+    def manager(self):
+        """The stage's orbax CheckpointManager, opened on first use (None without stage_dir)."""
+        if self._manager is None and self.stage_dir is not None:
+            self._manager = checkpointing.open_manager(self.stage_dir, self._keep, self._async)
+        return self._manager
+
+    # ----------------------------------------------------------------- placement
+    def _place(self, tree):
+        """Puts a host/device pytree on the mesh with the params sharding rule."""
+        if tree is None:
+            return None
+        shardings = parallel.params_shardings(self.mesh, tree, self.fsdp)
+        return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+    def global_batch(self, local_batch):
+        """Process-local host batch -> global arrays sharded over the batch axis."""
+
+        def one(x):
+            x = np.asarray(x)
+            sharding = parallel.batch_sharding(self.mesh, x.ndim)
+            global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+            if global_shape[0] % self.mesh.size:
+                raise ValueError(
+                    f"[{self.name}] global batch {global_shape[0]} is not divisible by the "
+                    f"{self.mesh.size} devices of the mesh; choose a multiple of {self.mesh.size}"
+                )
+            return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+        return jax.tree.map(one, local_batch)
+
+    # ----------------------------------------------------------------- state
+    def init_state(self):
+        init = jax.jit(self.init_fn, out_shardings=self.state_shardings)
+        return init(jax.random.PRNGKey(self.seed))
+
+    def abstract_state(self):
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self.state_shapes, self.state_shardings,
+        )
+
+    def compiled_step(self):
+        if self._jit_step is None:
+            base = jax.random.PRNGKey(self.seed)
+            step_fn = self.step_fn
+
+            def wrapped(state, batch, step, frozen):
+                rng = jax.random.fold_in(base, step)
+                return step_fn(state, batch, rng, step, frozen)
+
+            self._jit_step = jax.jit(
+                wrapped,
+                out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+        return self._jit_step
+
+    def step(self, state, step: int):
+        """One update at `step` (host batch fetched, sharded, jitted step run)."""
+        batch = self.global_batch(self.batch_fn(step))
+        return self.compiled_step()(state, batch, jnp.asarray(step, jnp.int32), self.frozen)
+
+    # ----------------------------------------------------------------- checkpoints
+    def latest_step(self) -> int | None:
+        return None if self.manager is None else self.manager.latest_step()
+
+    def is_complete(self) -> bool:
+        latest = self.latest_step()
+        return latest is not None and latest >= self.num_steps
+
+    def restore(self, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"[{self.name}] no checkpoint in {self.checkpoint_dir}")
+        return checkpointing.restore(
+            self.manager, step, self.abstract_state(), self.stage_dir, self.name, self.config_json
+        )
+
+    def save(self, step: int, state) -> None:
+        if self.manager is None:
+            return
+        meta = {"step": int(step), "stage": self.name, "config": self.config_json}
+        checkpointing.save(self.manager, step, state, meta)
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        start = 0
+        resumed = None
+        latest = self.latest_step()
+        if latest is not None:
+            state = self.restore(latest)
+            start = resumed = int(latest)
+            if start >= self.num_steps:
+                _log(f"[{self.name}] complete at step {start}: restored from {self.checkpoint_dir}")
+                self.close()
+                return TrainResult(state, start, [], resumed, trained=False)
+            _log(f"[{self.name}] resuming from step {start}/{self.num_steps}")
+        else:
+            state = self.init_state()
+
+        if self.stage_dir is not None and self.writer is None:
+            from clu import metric_writers
+
+            self.writer = metric_writers.create_default_writer(
+                os.path.join(self.stage_dir, "tb"), just_logging=not _is_lead()
+            )
+
+        history: list[dict[str, float]] = []
+        pending: list[tuple[int, dict]] = []  # device metrics not yet checked
+        last_good_saved = resumed
+        t0 = time.time()
+        t_first = None  # time after the first (compiling) step, for a fair ETA
+        step_first = None
+        try:
+            for step in range(start, self.num_steps):
+                state, metrics = self.step(state, step)
+                pending.append((step, metrics))
+                done = step + 1
+                if t_first is None:
+                    jax.block_until_ready(metrics)
+                    t_first, step_first = time.time(), done
+                    _log(f"[{self.name}] first step (compile + run) took {format_seconds(t_first - t0)}")
+                if self.on_step_end is not None:
+                    self.on_step_end(done, state)
+                is_last = done == self.num_steps
+                want_save = self.manager is not None and (done % self.checkpoint_every == 0 or is_last)
+                if done % self.log_every == 0 or want_save or is_last:
+                    host = self._check_pending(pending, last_good_saved)
+                    pending = []
+                    avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    avg["step"] = done
+                    history.append(avg)
+                    now = time.time()
+                    rate = (done - step_first) / (now - t_first) if done > step_first else float("nan")
+                    eta = (self.num_steps - done) / rate if rate and rate > 0 else float("nan")
+                    if self.writer is not None:
+                        self.writer.write_scalars(done, {k: v for k, v in avg.items() if k != "step"})
+                        if math.isfinite(rate):
+                            self.writer.write_scalars(done, {"steps_per_sec": rate})
+                    shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items() if k != "step")
+                    _log(
+                        f"[{self.name}] step {done}/{self.num_steps} {shown} "
+                        f"({rate:.1f} it/s, ETA {format_seconds(eta)})"
+                    )
+                if want_save:
+                    self.save(done, state)
+                    last_good_saved = done
+        finally:
+            # Waits for the last asynchronous save, then releases orbax's threads.
+            self.close()
+        return TrainResult(state, self.num_steps, history, resumed, trained=True)
+
+    def _check_pending(self, pending, last_good_saved):
+        host = [(s, {k: np.asarray(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        for s, m in host:
+            if "loss" not in m:
+                raise KeyError(f"[{self.name}] step_fn must return a 'loss' metric; got {sorted(m)}")
+            bad = [k for k, v in m.items() if not np.all(np.isfinite(v))]
+            if bad:
+                kept = (
+                    f"the last good checkpoint (step {last_good_saved}) is kept in {self.checkpoint_dir}"
+                    if last_good_saved is not None and self.manager is not None
+                    else "no checkpoint was written"
+                )
+                raise NonFiniteLossError(
+                    f"[{self.name}] non-finite {', '.join(bad)} at step {s + 1} "
+                    f"(loss={float(m['loss'])}); stopped; {kept}. Lower the learning rate or "
+                    "check the inputs, then rerun to resume from that checkpoint."
+                )
+        return [m for _, m in host]
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+__all__ = [
+    "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError",
+    "make_optimizer", "ema_update", "format_seconds", "to_jsonable",
+]
