@@ -13,6 +13,7 @@ PyTorch layout, and all problems are reported at once. Half-precision weights ar
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
@@ -31,6 +32,11 @@ def inception_expected_params(model: FIDInceptionV3) -> Any:
     x = jnp.zeros((1, model.input_size, model.input_size, 3), jnp.float32)
     init = lambda: model.init(jax.random.PRNGKey(0), x, preprocessed=True)
     return jax.eval_shape(init)["params"]
+
+
+def inception_defaults(bits: int | None = None) -> dict:
+    """Module fields of the published network (for softdimo_jax.convert; `bits` is unused)."""
+    return dict(input_size=299, num_classes=1008, features=["2048", "logits_unbiased"], precision=None)
 
 
 def _torch_key_and_shape(path: tuple[str, ...], shape: tuple[int, ...]):
@@ -73,8 +79,13 @@ def convert_inception(
 def load_inception(path: str, model: FIDInceptionV3 | None = None) -> dict:
     """Params from a checkpoint file (.pth/.bin via the restricted unpickler, .npz, .safetensors).
 
-    A `.npz` written by `save_params` (keys `params/<flax path>`) loads directly.
+    A `.npz` written by `save_params` (keys `params/<flax path>`) and a directory written by
+    `python -m softdimo_jax.convert --model fid_inception` load directly.
     """
+    if os.path.isdir(path):
+        from softdimo_jax.convert import load_converted
+
+        return load_converted(path)[1]
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             if any(k.startswith("params/") for k in z.files):
