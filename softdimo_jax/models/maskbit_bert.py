@@ -203,7 +203,13 @@ class LFQBert(nn.Module):
         labels = jnp.asarray(labels, jnp.int32).reshape(b)
         if drop_label_mask is not None:
             labels = jnp.where(jnp.asarray(drop_label_mask, bool).reshape(b), self.drop_label, labels)
-        cls = self.class_emb(labels)[:, None, :]
+        # One-hot matmul instead of a gather: it works unchanged when the batch is sharded
+        # over an Explicit-axes mesh (jax.make_mesh's default), where a gather from a
+        # replicated table has no unambiguous output sharding. HIGHEST keeps the table
+        # exact on TPUs (default precision would round it to bf16).
+        onehot = jax.nn.one_hot(labels, self.num_classes + 1, dtype=jnp.float32)
+        cls = jnp.einsum("bn,nd->bd", onehot, self.class_emb.embedding.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)[:, None, :]
 
         # The class token goes LAST, after the L image tokens.
         x = jnp.concatenate([input_embeddings.astype(self.dtype), cls.astype(self.dtype)], axis=1)
