@@ -1,5 +1,6 @@
 """MaskBit teacher sampler: schedule, CFG, determinism, mesh sharding; the PNG grid writer."""
 
+import functools
 import math
 
 import jax
@@ -42,20 +43,25 @@ def toy_logits_fn(params, ignore_drop=False):
 LABELS = jnp.array([0, 1, 2, 3, 4, 0, 1, 2], jnp.int32)
 
 
-def run(fn, rng=0, labels=LABELS, **kw):
+@functools.lru_cache(maxsize=None)
+def _compiled(ignore_drop=False, **kw):
+    """One jitted sampler per setting, shared by the tests (compiling dominates their time)."""
     kw = {**dict(num_steps=STEPS), **kw}
-    f = jax.jit(lambda r, y: ms.maskbit_sample(fn, r, y, **SIZES, **kw))
-    return f(jax.random.PRNGKey(rng), labels)
+    return jax.jit(lambda p, r, y: ms.maskbit_sample(toy_logits_fn(p, ignore_drop), r, y, **SIZES, **kw))
+
+
+def run(rng=0, labels=LABELS, params_seed=0, ignore_drop=False, **kw):
+    return _compiled(ignore_drop, **kw)(toy_params(params_seed), jax.random.PRNGKey(rng), labels)
 
 
 def test_no_mask_left_and_valid_ids():
-    out = run(toy_logits_fn(toy_params()))
+    out = run()
     assert out.shape == (8, L, S) and out.dtype == jnp.int32
     assert int(out.min()) >= 0 and int(out.max()) < V  # MASK (= V) never survives
 
 
 def test_masked_count_follows_schedule_and_fixed_tokens_stay():
-    out, inter = run(toy_logits_fn(toy_params()), return_intermediates=True)
+    out, inter = run(return_intermediates=True)
     counts = ms.masked_counts(STEPS, L * S, "arccos")
     states = np.asarray(inter["tokens"])
     per_sample = (states == V).sum(axis=(2, 3))  # (steps, B)
@@ -112,19 +118,17 @@ def test_cfg_one_doubled_forward_and_formula():
 
 
 def test_cfg_scale_zero_equals_conditional_model():
-    params = toy_params()
-    zero = run(toy_logits_fn(params), guidance_scale=0.0)
+    zero = run(guidance_scale=0.0)
     # A model whose unconditional branch equals its conditional one makes any scale a no-op.
-    cond_only = run(toy_logits_fn(params, ignore_drop=True), guidance_scale=7.1)
+    cond_only = run(ignore_drop=True)  # default scale 7.1
     np.testing.assert_array_equal(zero, cond_only)
     # ... and the guidance does act when the branches differ (this test can fail).
-    guided = run(toy_logits_fn(params), guidance_scale=7.1)
+    guided = run()
     assert np.mean(np.asarray(guided) != np.asarray(zero)) > 0.1
 
 
 def test_deterministic_for_fixed_rng():
-    fn = toy_logits_fn(toy_params())
-    a, b, c = run(fn, rng=1), run(fn, rng=1), run(fn, rng=2)
+    a, b, c = run(rng=1), run(rng=1), run(rng=2)
     np.testing.assert_array_equal(a, b)
     assert np.mean(np.asarray(a) != np.asarray(c)) > 0.1
 
@@ -166,3 +170,59 @@ def test_image_grid(tmp_path):
     assert back.shape == (2 * 4 + 3 * 2, 3 * 6 + 4 * 2, 3)
     with pytest.raises(ValueError, match="NHWC"):
         save_image_grid(imgs[0], path)
+
+
+# --- the real teacher module and the CLI -------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_models():
+    from softdimo_jax.models.maskbit_bert import LFQBert
+    from softdimo_jax.models.maskbit_tokenizer import ConvVQModel
+
+    gen = LFQBert(num_tokens=16, num_bits=6, splits=2, hidden_dim=32, depth=1, heads=2, mlp_dim=64, num_classes=5)
+    gen_params = jax.jit(gen.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 2), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+    tok = ConvVQModel(num_bits=6, hidden_channels=32, channel_mult=(1, 1), num_res_blocks=1)
+    # Decoder only: sampling never encodes.
+    tok_params = jax.jit(lambda r: tok.init(r, jnp.zeros((1, 4, 4, 6)), method="decode_bits"))(jax.random.PRNGKey(1))
+    tok_params = tok_params["params"]
+    return gen, gen_params, tok, tok_params
+
+
+def test_lfq_bert_teacher_sampler_sharded_equals_single_device():
+    gen, params, _, _ = tiny_models()
+    kw = dict(num_steps=6, randomize_temperature=2.0)
+    one = ms.make_maskbit_teacher_sampler(gen, **kw)
+    eight = ms.make_maskbit_teacher_sampler(gen, mesh=parallel.make_mesh(8), **kw)
+    rng = jax.random.PRNGKey(7)
+    t1, t8 = one(params, rng, LABELS), eight(params, rng, LABELS)
+    assert t1.shape == (8, 16, 2) and int(t1.max()) < 8 and int(t1.min()) >= 0
+    np.testing.assert_array_equal(t1, t8)
+
+
+def test_sample_cli_writes_grid(tmp_path, monkeypatch):
+    from absl import flags
+
+    from softdimo_jax import sample
+
+    gen, gen_params, tok, tok_params = tiny_models()
+    ckpts = {"G": (gen, gen_params), "T": (tok, tok_params)}
+    monkeypatch.setattr(sample, "load_checkpoint", lambda path: ckpts[path])
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--generator=G", "--tokenizer=T", "--labels=1,2,3", "--num_steps=3",
+            f"--out={out}", f"--save_tokens={tmp_path / 'ids.npy'}", "--nrow=3", "--num_devices=2"]
+    try:
+        flags.FLAGS(argv)
+        sample.main(["sample"])
+        img = np.asarray(Image.open(out))
+        assert img.shape == (8 + 4, 3 * 8 + 8, 3)
+        ids = np.load(tmp_path / "ids.npy")
+        assert ids.shape == (3, 4, 4) and ids.max() < 2**6
+        flags.FLAGS(argv + ["--mode=student"])
+        with pytest.raises(NotImplementedError, match="distillation"):
+            sample.main(["sample"])
+        flags.FLAGS(argv[:3] + ["--labels=1,9"])
+        with pytest.raises(ValueError, match="labels must lie in"):
+            sample.main(["sample"])
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from softdimo_jax import parallel
 
@@ -234,6 +234,31 @@ def maskbit_sample(
     return final[1]
 
 
+def auto_mesh(mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types.
+
+    `jax.make_mesh` gives Explicit axes by default, whose shardings become part of array types
+    and make model code (reshapes, repeats over the batch) raise sharding-type errors; the
+    sampler lets the compiler propagate shardings instead.
+    """
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def _untyped(x, auto_meshes: dict):
+    """Re-places an array sharded over an Explicit mesh onto its Auto twin (same layout, no copy)."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or all(t == AxisType.Auto for t in sharding.mesh.axis_types):
+        return x
+    key = id(sharding.mesh)
+    if key not in auto_meshes:
+        auto_meshes[key] = auto_mesh(sharding.mesh)
+    return jax.device_put(x, NamedSharding(auto_meshes[key], sharding.spec))
+
+
+def _auto_sharding(s, amesh):
+    return NamedSharding(amesh, s.spec) if isinstance(s, NamedSharding) else s
+
+
 def make_sharded_sampler(
     logits_fn_factory: Callable[[Any], LogitsFn],
     *,
@@ -251,7 +276,7 @@ def make_sharded_sampler(
     softdimo_jax.parallel mesh), labels and outputs are split over all mesh axes and the batch
     size must be a multiple of the mesh size; params are replicated unless `params_sharding`
     (a sharding or a pytree of them, e.g. parallel.params_shardings(mesh, ..., fsdp=True))
-    says otherwise.
+    says otherwise. Outputs live on an Auto-typed twin of the mesh (see `auto_mesh`).
     """
     kwargs = dict(num_tokens=num_tokens, splits=splits, vocab_size=vocab_size, **sample_kwargs)
 
@@ -261,18 +286,21 @@ def make_sharded_sampler(
     if mesh is None:
         jitted = jax.jit(run)
     else:
-        out_sharding = parallel.batch_sharding(mesh, 3)
+        amesh = auto_mesh(mesh)
+        batch = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES))
+        out_sharding = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES, None, None))
         if sample_kwargs.get("return_intermediates"):
             # intermediates carry the step axis first; their batch axis is axis 1.
-            step_batch = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXES))
+            step_batch = NamedSharding(amesh, PartitionSpec(None, parallel.DATA_AXES))
             out_sharding = (out_sharding, {"predicted": step_batch, "tokens": step_batch})
+        if params_sharding is None:
+            params_in = NamedSharding(amesh, PartitionSpec())
+        else:
+            params_in = jax.tree.map(lambda s: _auto_sharding(s, amesh), params_sharding,
+                                     is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
         jitted = jax.jit(
             run,
-            in_shardings=(
-                parallel.replicated(mesh) if params_sharding is None else params_sharding,
-                parallel.replicated(mesh),
-                parallel.batch_sharding(mesh, 1),
-            ),
+            in_shardings=(params_in, NamedSharding(amesh, PartitionSpec()), batch),
             out_shardings=out_sharding,
         )
 
@@ -281,6 +309,8 @@ def make_sharded_sampler(
         labels = jnp.asarray(labels, jnp.int32)
         if mesh is not None:
             parallel.check_batch_divisible(labels.shape[0], mesh)
+        cache: dict = {}
+        params, rng, labels = jax.tree.map(lambda x: _untyped(x, cache), (params, rng, labels))
         return jitted(params, rng, labels)
 
     sampler.jitted = jitted
