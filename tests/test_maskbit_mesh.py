@@ -46,3 +46,24 @@ def test_sharded_forward_matches_single_device(fixtures_dir):
          np.repeat(fx.inputs["labels"].astype(np.int32), 8, 0)[:24],
          np.repeat(fx.inputs["drop_label_mask"], 8, 0)[:24]), mesh))[0]
     np.testing.assert_allclose(np.asarray(ref)[::8], fx.outputs["logits"], atol=2e-4)
+
+
+def test_tokenizer_sharded_decode_matches(fixtures_dir):
+    from softdimo_jax.conversion.maskbit import convert_maskbit_tokenizer
+    from softdimo_jax.models.maskbit_tokenizer import maskbit_tokenizer_from_cfg
+
+    fx = parity.load_fixture(str(fixtures_dir / "maskbit_tokenizer_a.npz"))
+    model = maskbit_tokenizer_from_cfg(fx.cfg)
+    params = convert_maskbit_tokenizer(fx.sd, model)
+    idx = np.tile(fx.outputs["indices"].astype(np.int32), (4, 1, 1))  # batch 8
+    mesh = parallel.make_mesh(8)
+    decode = jax.jit(lambda p, i: model.apply({"params": p}, i, method=model.decode_tokens))
+    with jax.default_matmul_precision("float32"):
+        got = decode(jax.device_put(params, parallel.replicated(mesh)), parallel.shard_batch(idx, mesh))
+    np.testing.assert_allclose(np.asarray(got)[:2].transpose(0, 3, 1, 2), fx.outputs["decoded"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got)[6:], np.asarray(got)[:2], atol=1e-6)
+    images = np.tile(fx.inputs["image"].transpose(0, 2, 3, 1), (4, 1, 1, 1))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)["indices"])
+    with jax.default_matmul_precision("float32"):
+        ids = encode(jax.device_put(params, parallel.replicated(mesh)), parallel.shard_batch(images, mesh))
+    np.testing.assert_array_equal(np.asarray(ids)[:2], fx.outputs["indices"])

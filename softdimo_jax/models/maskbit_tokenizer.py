@@ -118,8 +118,9 @@ class Stage(nn.Module):
         elif self.resample == "avg_pool":
             x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         elif self.resample == "up":
-            b, h, w, ch = x.shape
-            x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, ch)).reshape(b, 2 * h, 2 * w, ch)
+            # Nearest x2 via repeat (a broadcast+reshape has no resolvable sharding on
+            # Explicit-axes meshes with a sharded batch).
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = _conv(self.c_out, 3, "upsample_conv", self.dtype)(x)
         return x
 
