@@ -356,8 +356,9 @@ class Distiller:
     a checkpoint replays exactly the iterations an uninterrupted run would have.
     """
 
-    def __init__(self, adapter, config, mesh=None):
+    def __init__(self, adapter, config, mesh=None, compiler_options: dict | None = None):
         self.adapter = adapter
+        self.compiler_options = compiler_options  # e.g. a lower XLA optimisation level in tests
         self.config = config
         mesh = mesh if mesh is not None else parallel.make_mesh(
             None if config.num_devices in (-1, 0, None) else config.num_devices, config.fsdp)
@@ -461,7 +462,9 @@ class Distiller:
         (grads,) = vjp(cot.astype(z_gen.dtype))
         fkl, rkl = divergences(z_t, z_a, mask)
         stats = {"fkl": fkl, "rkl": rkl, "mask_frac": jnp.mean(mask.astype(jnp.float32)),
-                 "gen_loss": 0.5 * b * jnp.sum(cot**2)}
+                 "gen_loss": 0.5 * b * jnp.sum(cot**2),
+                 # g zeroes non-finite values, so watch the logits themselves (NaN guard).
+                 "gen_logit_absmean": jnp.mean(jnp.abs(z_gen.astype(jnp.float32)))}
         return grads, cot, z_gen, stats
 
     def _step_fn(self, state: DistillState, teacher_params, rng):
@@ -492,12 +495,17 @@ class Distiller:
 
         # EMA of the generator.
         rate = ema_rate(state.step, cfg.ema_max)
-        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, gen_params)
+        # Frozen leaves are copied, not averaged: rate·p + (1−rate)·p can differ from p by
+        # round-off, and frozen means bit-identical to the teacher.
+        ema = jax.tree.map(
+            lambda e, p, lab: p if lab == "frozen" else rate * e + (1.0 - rate) * p,
+            state.ema_params, gen_params, self._labels)
 
         metrics = dict(stats)
         metrics.update(
+            loss=stats["gen_loss"] + aux_loss_v,
             aux_loss=aux_loss_v, aux_acc=aux_acc, ema_rate=rate,
-            gen_grad_norm=optax.global_norm(grads), aux_grad_norm=optax.global_norm(aux_grads),
+            gen_grad_norm=optax.tree.norm(grads), aux_grad_norm=optax.tree.norm(aux_grads),
             lr=lr_at(cfg, cfg.lr, state.step),
         )
         new_state = DistillState(
@@ -516,6 +524,7 @@ class Distiller:
                 in_shardings=(self.state_shardings(teacher_params), self.teacher_shardings(teacher_params), rep),
                 out_shardings=(self.state_shardings(teacher_params), rep),
                 donate_argnums=(0,),
+                compiler_options=self.compiler_options,
             )
         return self._step
 
