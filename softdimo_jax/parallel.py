@@ -11,20 +11,34 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
 
 def make_mesh(num_devices: int | None = None, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A ("data", "fsdp") mesh over the first `num_devices` devices (default: all)."""
+    """A ("data", "fsdp") mesh over the first `num_devices` devices (default: all).
+
+    Axes are `Auto`: `jax.make_mesh` defaults to `Explicit` axes, which make shardings part
+    of array types (sharding-in-types) and reject ops such as gathers over a sharded batch;
+    our steps instead place inputs/outputs with NamedShardings and let XLA propagate.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices in (None, 0, -1) else int(num_devices)
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but JAX sees {len(devices)}")
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"fsdp={fsdp} must divide the number of devices ({n})")
-    return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, devices=devices[:n])
+    return jax.make_mesh(
+        (n // fsdp, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:n]
+    )
+
+
+def as_auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with `Auto` axis types (see `make_mesh`)."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def replicated(mesh) -> NamedSharding:
