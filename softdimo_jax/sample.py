@@ -41,6 +41,7 @@ flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("nrow", None, "Images per grid row (default ceil(sqrt(N))).")
 flags.DEFINE_integer("num_devices", None, "Devices to shard the batch over (default: all).")
 flags.DEFINE_integer("batch_size", 64, "Samples per jitted call (rounded up to a multiple of the device count).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the generator (params stay float32).")
 flags.DEFINE_integer("num_steps", D["num_steps"], "Teacher decoding steps.")
 flags.DEFINE_float("guidance_scale", D["guidance_scale"], "CFG scale s in c + s*a(i)*(c - u); 0 disables CFG.")
 flags.DEFINE_enum("guidance_annealing", D["guidance_annealing"], list(maskbit_sampler.GUIDANCE_ANNEALINGS),
@@ -52,13 +53,11 @@ flags.DEFINE_bool("use_sampling_annealing", D["use_sampling_annealing"], "Temper
 flags.DEFINE_enum("mask_schedule", D["mask_schedule"], list(maskbit_sampler.MASK_SCHEDULES), "Mask schedule.")
 
 
-def load_checkpoint(path: str):
-    """(model, params) from a converted checkpoint (indirection so tests can substitute it)."""
-    try:
-        from softdimo_jax.convert import load_converted
-    except ImportError as e:  # pragma: no cover - depends on the conversion CLI being present
-        raise RuntimeError(f"softdimo_jax.convert.load_converted is unavailable ({e})") from e
-    return load_converted(path)
+def load_checkpoint(path: str, **runtime_overrides):
+    """(model, params) from a checkpoint written by `python -m softdimo_jax.convert`."""
+    from softdimo_jax.convert import load_converted
+
+    return load_converted(path, **runtime_overrides)
 
 
 def parse_labels(text: str | None) -> np.ndarray:
@@ -167,7 +166,7 @@ def main(argv):
     for name in ("generator", "tokenizer"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required (a checkpoint written by softdimo_jax.convert)")
-    gen_model, gen_params = load_checkpoint(FLAGS.generator)
+    gen_model, gen_params = load_checkpoint(FLAGS.generator, dtype=FLAGS.dtype)
     tok_model, tok_params = load_checkpoint(FLAGS.tokenizer)
     sampler_kwargs = dict(
         num_steps=FLAGS.num_steps,

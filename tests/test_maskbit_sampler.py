@@ -55,7 +55,7 @@ def run(rng=0, labels=LABELS, params_seed=0, ignore_drop=False, **kw):
 
 
 def test_no_mask_left_and_valid_ids():
-    out = run()
+    out, _ = run(return_intermediates=True)  # shares the compile of the next test
     assert out.shape == (8, L, S) and out.dtype == jnp.int32
     assert int(out.min()) >= 0 and int(out.max()) < V  # MASK (= V) never survives
 
@@ -183,9 +183,7 @@ def tiny_models():
     gen = LFQBert(num_tokens=16, num_bits=6, splits=2, hidden_dim=32, depth=1, heads=2, mlp_dim=64, num_classes=5)
     gen_params = jax.jit(gen.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 2), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
     tok = ConvVQModel(num_bits=6, hidden_channels=32, channel_mult=(1, 1), num_res_blocks=1)
-    # Decoder only: sampling never encodes.
-    tok_params = jax.jit(lambda r: tok.init(r, jnp.zeros((1, 4, 4, 6)), method="decode_bits"))(jax.random.PRNGKey(1))
-    tok_params = tok_params["params"]
+    tok_params = jax.jit(tok.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
     return gen, gen_params, tok, tok_params
 
 
@@ -204,10 +202,13 @@ def test_sample_cli_writes_grid(tmp_path, monkeypatch):
     from absl import flags
 
     from softdimo_jax import sample
+    from softdimo_jax.convert import save_converted
+    from softdimo_jax.models import lfq
 
     gen, gen_params, tok, tok_params = tiny_models()
-    ckpts = {"G": (gen, gen_params), "T": (tok, tok_params)}
-    monkeypatch.setattr(sample, "load_checkpoint", lambda path: ckpts[path])
+    save_converted(str(tmp_path / "G"), "maskbit_generator", gen, gen_params)
+    save_converted(str(tmp_path / "T"), "maskbit_tokenizer", tok, tok_params)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "grid.png"
     argv = ["sample", "--generator=G", "--tokenizer=T", "--labels=1,2,3", "--num_steps=3",
             f"--out={out}", f"--save_tokens={tmp_path / 'ids.npy'}", "--nrow=3", "--num_devices=2"]
@@ -218,6 +219,14 @@ def test_sample_cli_writes_grid(tmp_path, monkeypatch):
         assert img.shape == (8 + 4, 3 * 8 + 8, 3)
         ids = np.load(tmp_path / "ids.npy")
         assert ids.shape == (3, 4, 4) and ids.max() < 2**6
+        # Same tokens as the teacher sampler called directly (chunk 0 rng, labels padded to 2 devices).
+        direct = ms.make_maskbit_teacher_sampler(gen, num_steps=3)(
+            gen_params, jax.random.fold_in(jax.random.PRNGKey(0), 0), jnp.array([1, 2, 3, 0]))
+        np.testing.assert_array_equal(ids, np.asarray(lfq.merge_splits(direct, 6, 2)).reshape(4, 4, 4)[:3])
+        # The grid holds exactly those tokens decoded (row-major h x w, split 0 = low bits).
+        images = tok.apply({"params": tok_params}, jnp.asarray(ids), method="decode_tokens")
+        want = make_image_grid(np.clip(np.asarray(images), 0, 1), nrow=3).astype(int)
+        np.testing.assert_allclose(img.astype(int), want, atol=1)  # jit vs eager round-off at .5
         flags.FLAGS(argv + ["--mode=student"])
         with pytest.raises(NotImplementedError, match="distillation"):
             sample.main(["sample"])
