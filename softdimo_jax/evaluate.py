@@ -1,0 +1,173 @@
+"""FID / IS / precision / recall from the command line.
+
+Evaluate an ADM-style sample file (`arr_0` uint8 N×H×W×3) against reference statistics:
+
+    python -m softdimo_jax.evaluate --samples samples.npz --reference VIRTUAL_imagenet256_labeled.npz \\
+        --inception pt_inception-2015-12-05-6726825d.pth --out results/
+
+Compute reference statistics from a prepared tfds dataset (array_record) first:
+
+    python -m softdimo_jax.evaluate --make-reference imagenet2012 --split train --data-dir ~/tensorflow_datasets \\
+        --num-reference 50000 --reference ref_imagenet256.npz --inception pt_inception-2015-12-05-6726825d.pth
+
+`--reference` is our `.npz` (mu, sigma, features) or an ADM reference batch (mu, sigma,
+arr_0). The Inception checkpoint is pytorch-fid's or torch-fidelity's `.pth` (read without
+PyTorch), or an `.npz` saved by `--save-inception-npz` (faster to load next time).
+Writes `<out>/metrics.json` and `<out>/samples_grid.png`.
+
+Generating samples from a teacher (N steps, CFG) or a student (1 step, hard/soft decode,
+TTEO) goes through `generate_sample_batches` below: the flags are parsed, but the hook is
+not wired to the samplers yet and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m softdimo_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate")
+    src.add_argument("--samples", help="ADM-style .npz of generated images (arr_0 uint8 N×H×W×3)")
+    src.add_argument("--generator", choices=["teacher", "student"],
+                     help="generate the samples instead (hook, not wired yet: see generate_sample_batches)")
+    src.add_argument("--checkpoint", help="generator checkpoint (with --generator)")
+    src.add_argument("--steps", type=int, help="teacher sampling steps (student: 1)")
+    src.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    src.add_argument("--decode", choices=["hard", "soft"], default="hard", help="student decode mode")
+    src.add_argument("--tteo-steps", type=int, default=0, help="test-time embedding optimisation steps")
+    src.add_argument("--num-classes", type=int, default=1000, help="classes for class-balanced labels")
+    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--save-samples", help="also write the generated samples to this ADM .npz")
+    src.add_argument("--num-samples", type=int, help="evaluate only the first N samples (default: all / 50000)")
+
+    ref = p.add_argument_group("reference statistics")
+    ref.add_argument("--reference", required=True, help="reference .npz (ours or an ADM reference batch)")
+    ref.add_argument("--make-reference", metavar="TFDS_NAME",
+                     help="compute reference statistics from this tfds dataset and save them to --reference")
+    ref.add_argument("--split", default="train")
+    ref.add_argument("--data-dir", help="tfds data_dir holding the prepared (array_record) dataset")
+    ref.add_argument("--image-size", type=int, default=256, help="centre-crop size of reference images")
+    ref.add_argument("--num-reference", type=int, default=50_000, help="reference images (0 = whole split)")
+    ref.add_argument("--reference-features", type=int, default=50_000,
+                     help="pool features kept for precision/recall (0 = none)")
+
+    inc = p.add_argument_group("Inception")
+    inc.add_argument("--inception", required=True, help="FID Inception weights (.pth / .bin / .safetensors / .npz)")
+    inc.add_argument("--save-inception-npz", help="write the converted Inception params here")
+    inc.add_argument("--batch-size", type=int, help="global batch (default 32 per device)")
+    inc.add_argument("--num-devices", type=int, help="devices of the mesh (default all)")
+    inc.add_argument("--precision", choices=["highest", "default"], default="highest",
+                     help="conv precision on TPU/GPU (highest = float32 throughout)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", help="output folder for metrics.json and the sample grid")
+    out.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    out.add_argument("--is-splits", type=int, default=10)
+    out.add_argument("--progress-secs", type=float, default=30.0, help="seconds between progress lines")
+    return p
+
+
+def generate_sample_batches(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """HOOK for the lead: yield (images uint8 (b, H, W, 3) or float [0, 1], labels (b,)) for
+    `args.num_samples` class-balanced labels (export.class_balanced_labels), from a teacher
+    (`args.steps`, `args.cfg_scale`) or a student (1 step, `args.decode`, `args.tteo_steps`)
+    loaded from `args.checkpoint`. The samplers live in softdimo_jax.sampling."""
+    raise NotImplementedError(
+        f"--generator {args.generator}: sample generation is not wired into the evaluation CLI yet; "
+        "generate samples to an ADM .npz (softdimo_jax.evaluation.export.AdmNpzWriter) and pass --samples"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.samples is None and args.generator is None and args.make_reference is None:
+        print("error: pass --samples FILE (or --generator, or --make-reference)", file=sys.stderr)
+        return 2
+
+    # Fail before the (slow) Inception set-up when generation is asked for but not wired.
+    generated = generate_sample_batches(args) if args.samples is None and args.generator else None
+
+    from softdimo_jax import parallel
+    from softdimo_jax.conversion.inception import load_inception, save_params
+    from softdimo_jax.evaluation import export
+    from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, evaluate_images
+    from softdimo_jax.evaluation.reference_stats import load_reference, reference_from_tfds, save_reference
+
+    t0 = time.monotonic()
+    params = load_inception(args.inception)
+    if args.save_inception_npz:
+        save_params(params, args.save_inception_npz)
+    mesh = parallel.make_mesh(args.num_devices)
+    extractor = InceptionFeatureExtractor(params, mesh=mesh, batch_size=args.batch_size,
+                                          precision=None if args.precision == "default" else "highest")
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log(f"inception ready on {mesh.size} device(s), batch {extractor.batch_size} ({time.monotonic() - t0:.1f}s)")
+
+    if args.make_reference:
+        ref = reference_from_tfds(args.make_reference, extractor, split=args.split, data_dir=args.data_dir,
+                                  image_size=args.image_size, num_samples=args.num_reference or None,
+                                  seed=args.seed, max_features=args.reference_features or None, log=log)
+        save_reference(args.reference, ref)
+        log(f"reference statistics of {ref.num_samples} images -> {args.reference}")
+        if args.samples is None and args.generator is None:
+            return 0
+
+    want_pr = not args.no_pr
+    reference = load_reference(args.reference, need_features=False, extractor=extractor, log=log)
+    if want_pr and reference.features is None:
+        try:
+            reference = load_reference(args.reference, need_features=True, extractor=extractor, log=log)
+        except ValueError as e:
+            log(f"precision/recall skipped: {e}")
+
+    if args.samples:
+        shape, dtype = export.npz_array_shape(args.samples)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise SystemExit(f"{args.samples}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+        n = shape[0] if args.num_samples is None else min(args.num_samples, shape[0])
+        batches = export.iter_npz_images(args.samples, batch_size=extractor.local_batch_size)
+        grid_src = next(export.iter_npz_images(args.samples, batch_size=64))
+    else:
+        n = args.num_samples or 50_000
+        args.num_samples = n
+        writer = export.AdmNpzWriter(args.save_samples, n, args.image_size) if args.save_samples else None
+        grid_src = []
+
+        def images_only():
+            for images, labels in generated:
+                if writer is not None:
+                    writer.add(images, labels)
+                if len(grid_src) < 64:
+                    grid_src.extend(export.to_uint8(images)[: 64 - len(grid_src)])
+                yield images
+            if writer is not None:
+                writer.close()
+
+        batches = images_only()
+
+    metrics = evaluate_images(batches, reference, extractor, num_images=n, compute_pr=want_pr,
+                              is_splits=args.is_splits, log=log, every_secs=args.progress_secs)
+    metrics["seconds"] = time.monotonic() - t0
+    result = {"samples": args.samples or f"generated:{args.generator}", "reference": args.reference,
+              "inception": args.inception, **metrics}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        if len(grid_src):
+            export.save_grid(np.asarray(grid_src), os.path.join(args.out, "samples_grid.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Reference statistics for FID / precision-recall: compute, save, load.
+
+Our `.npz` holds `mu` (2048,), `sigma` (2048, 2048) float64, `num_samples`, and optionally
+`features` (M, 2048) float32 pool features of a subset, for precision/recall.
+
+An ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`) holds `mu`, `sigma` and
+usually `arr_0` (its uint8 images); `load_reference` reads those mu/sigma as they are and,
+when precision/recall is wanted, computes the reference features from `arr_0`.
+
+    python -c "from softdimo_jax.evaluation.reference_stats import *; ..."   # or the CLI:
+    python -m softdimo_jax.evaluate reference --tfds imagenet2012 --split train --out ref.npz
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, _log_stderr, compute_activations
+
+
+@dataclasses.dataclass
+class ReferenceStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None  # pool features of (a subset of) the reference set
+    num_samples: int = 0
+    source: str = ""
+
+    def __post_init__(self):
+        self.mu = np.asarray(self.mu, np.float64)
+        self.sigma = np.asarray(self.sigma, np.float64)
+        if self.mu.ndim != 1 or self.sigma.shape != (len(self.mu), len(self.mu)):
+            raise ValueError(f"reference mu {self.mu.shape} / sigma {self.sigma.shape} are not (D,) and (D, D)")
+        if self.features is not None:
+            self.features = np.asarray(self.features, np.float32)
+            if self.features.ndim != 2 or self.features.shape[1] != len(self.mu):
+                raise ValueError(f"reference features {self.features.shape} do not match mu {self.mu.shape}")
+        self._sqrt_sigma: np.ndarray | None = None
+
+    def sqrt_sigma(self) -> np.ndarray:
+        """Symmetric PSD square root of sigma, computed once (a 2048² eigh costs seconds;
+        periodic FID evaluations against the same reference reuse it)."""
+        if self._sqrt_sigma is None:
+            s = (self.sigma + self.sigma.T) / 2
+            w, v = np.linalg.eigh(s)
+            self._sqrt_sigma = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        return self._sqrt_sigma
+
+
+def save_reference(path: str, ref: ReferenceStats) -> str:
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {"mu": ref.mu, "sigma": ref.sigma, "num_samples": np.asarray(ref.num_samples, np.int64)}
+    if ref.features is not None:
+        arrays["features"] = ref.features.astype(np.float32)
+    np.savez(path, **arrays)
+    return path
+
+
+def load_reference(path: str, *, need_features: bool = False, extractor: InceptionFeatureExtractor | None = None,
+                   max_features: int | None = None, log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+    """Reads our reference `.npz` or an ADM reference batch.
+
+    mu/sigma are taken from the file when present (an ADM batch's statistics were made on
+    its full reference set, which may be larger than `arr_0`). With `need_features=True`
+    and no stored `features`, the pool features of the file's `arr_0` images are computed
+    with `extractor` (this is how the ADM evaluator gets its precision/recall reference).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference statistics not found: {path!r}")
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        mu = np.asarray(z["mu"]) if "mu" in keys else None
+        sigma = np.asarray(z["sigma"]) if "sigma" in keys else None
+        feats = np.asarray(z["features"]) if "features" in keys else None
+        n = int(z["num_samples"]) if "num_samples" in keys else 0
+        has_images = "arr_0" in keys
+        images = z["arr_0"] if has_images and (mu is None or (need_features and feats is None)) else None
+    if mu is None or sigma is None:
+        if images is None:
+            raise ValueError(f"{path}: no `mu`/`sigma` and no `arr_0` images to compute them from; keys: {sorted(keys)}")
+    if images is not None:
+        if extractor is None:
+            raise ValueError(
+                f"{path}: computing reference features from `arr_0` needs an Inception extractor "
+                "(pass extractor=..., or skip precision/recall)"
+            )
+        acts = compute_activations(images, extractor, keep_logits=False, max_pool=max_features,
+                                   desc=f"reference {os.path.basename(path)}", log=log)
+        feats = acts.pool
+        if mu is None:
+            mu, sigma, n = acts.mu, acts.sigma, acts.n
+        n = n or acts.n
+    elif need_features and feats is None:
+        raise ValueError(f"{path}: precision/recall needs reference `features` or `arr_0` images; the file has {sorted(keys)}")
+    return ReferenceStats(mu, sigma, feats, n, source=path)
+
+
+def reference_from_images(images: Any, extractor: InceptionFeatureExtractor, *, num_images: int | None = None,
+                          max_features: int | None = 50_000, source: str = "",
+                          log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+    """Reference statistics of a stream of real images (array or iterable of batches)."""
+    acts = compute_activations(images, extractor, num_images=num_images, keep_logits=False,
+                               keep_pool=max_features != 0, max_pool=max_features, desc="reference", log=log)
+    return ReferenceStats(acts.mu, acts.sigma, acts.pool, acts.n, source=source)
+
+
+def center_crop_resize(image: np.ndarray, size: int = 256) -> np.ndarray:
+    """ADM's ImageNet preprocessing: halve with a box filter while the short side is at
+    least 2·size, bicubic-resize the short side to `size`, centre-crop size×size. uint8 HWC."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HWC image, got shape {img.shape}")
+    pil = Image.fromarray(img[..., :3].astype(np.uint8))
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def iter_data_source(source: Sequence[Any], indices: Sequence[int], *, image_key: str = "image",
+                     image_size: int = 256, batch_size: int = 256, workers: int = 8) -> Iterator[np.ndarray]:
+    """Batches of centre-cropped uint8 images from a random-access source (tfds.data_source).
+    Decoding and resizing run in a thread pool (PIL and the JPEG decoder release the GIL)."""
+
+    def load(i: int) -> np.ndarray:
+        ex = source[int(i)]
+        img = ex[image_key] if isinstance(ex, dict) else ex
+        return center_crop_resize(np.asarray(img), image_size)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(indices), batch_size):
+            yield np.stack(list(pool.map(load, indices[start : start + batch_size])))
+
+
+def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
+                        data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
+                        seed: int = 0, image_key: str = "image", max_features: int | None = 50_000,
+                        workers: int = 8, log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+    """Reference statistics of a tfds dataset prepared as array_record (`tfds.data_source`).
+
+    Takes `num_samples` images (a seeded random subset; None = the whole split), ADM
+    centre crop at `image_size`. The dataset must already be prepared in `data_dir`
+    (nothing is downloaded here: ImageNet needs a manual download anyway).
+    """
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    total = len(source)
+    if num_samples is None or num_samples >= total:
+        indices = np.arange(total)
+    else:
+        indices = np.sort(np.random.default_rng(seed).choice(total, size=num_samples, replace=False))
+    batches = iter_data_source(source, indices, image_key=image_key, image_size=image_size,
+                               batch_size=extractor.local_batch_size, workers=workers)
+    # The subset is random, so keeping the first `max_features` is a random subset for PR.
+    return reference_from_images(batches, extractor, num_images=len(indices), max_features=max_features,
+                                 source=f"tfds:{name}/{split}", log=log)
