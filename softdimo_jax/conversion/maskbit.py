@@ -159,7 +159,7 @@ def convert_maskbit_tokenizer(
     enc: dict[str, Any] = {"conv_in": _conv(s, "encoder.conv_in", model.num_channels, h, 3, bias=False)}
     for i, (c_in, c_out, resample) in enumerate(enc_plan["stages"]):
         st = _stage(s, f"encoder.down.{i}", c_in, c_out, model.num_res_blocks)
-        if resample:
+        if resample == "down_conv":  # "avg_pool" stages have no parameters
             st["down_conv"] = _conv(s, f"encoder.down.{i}.down_conv", c_out, c_out, 3)
         enc[f"down_{i}"] = st
     mid = enc_plan["mid"]
@@ -173,7 +173,7 @@ def convert_maskbit_tokenizer(
     dec["mid"] = _stage(s, "decoder.mid", block_in, block_in, nd)
     for i, (c_in, c_out, resample) in enumerate(dec_plan["stages"]):
         st = _stage(s, f"decoder.up.{i}", c_in, c_out, nd)
-        if resample:
+        if resample == "up":
             st["upsample_conv"] = _conv(s, f"decoder.up.{i}.upsample_conv", c_out, c_out, 3)
         dec[f"up_{i}"] = st
     c_last = dec_plan["stages"][-1][1]

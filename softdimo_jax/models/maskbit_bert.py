@@ -97,7 +97,18 @@ class BertLayer(nn.Module):
 
 class LFQBert(nn.Module):
     """MaskBit's bit-token BERT. See the module docstring; build from a MaskBit constructor
-    dict with `maskbit_bert_from_cfg`."""
+    dict with `maskbit_bert_from_cfg`.
+
+    Call with exactly one of
+      tokens (B, L, S) int sub-token ids (MASK = 2**(bits/S)),
+      input_bits (B, L, bits) float bit vectors, split-major (MASK = zeros; soft bits OK),
+      input_embeddings (B, L, hidden) = embed_bits(bits), before class token / positions;
+    labels (B,) int in [0, num_classes]; drop_label_mask (B,) bool replaces the label by
+    the drop label `num_classes` (None drops nothing; note the PyTorch original drops
+    EVERY label when it gets no mask). Returns logits (B, L, S, V) float32, V = 2**(bits/S);
+    with return_features also a tuple of each layer's output (B, L+1, hidden), the class
+    token last. Dropout needs deterministic=False and a 'dropout' rng.
+    """
 
     num_tokens: int
     num_bits: int
