@@ -145,10 +145,12 @@ def test_sharded_8_devices_equals_1_device():
     factory = lambda p: toy_logits_fn(p)  # noqa: E731
     kw = dict(**SIZES, num_steps=STEPS, return_intermediates=True)
     one = ms.make_sharded_sampler(factory, **kw)
-    mesh = parallel.make_mesh(8, fsdp=2)
+    # A mesh with Explicit axes (jax.make_mesh's default) and inputs already placed on it work too.
+    mesh = jax.make_mesh((4, 2), parallel.DATA_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     eight = ms.make_sharded_sampler(factory, mesh=mesh, **kw)
     rng = jax.random.PRNGKey(5)
-    (t1, i1), (t8, i8) = one(params, rng, LABELS), eight(params, rng, LABELS)
+    t1, i1 = one(params, rng, LABELS)
+    t8, i8 = eight(jax.device_put(params, parallel.replicated(mesh)), rng, parallel.shard_batch(LABELS, mesh))
     assert len(t8.sharding.device_set) == 8
     np.testing.assert_array_equal(t1, t8)
     np.testing.assert_array_equal(i1["tokens"], i8["tokens"])

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from softdimo_jax import parallel
 
@@ -234,24 +234,19 @@ def maskbit_sample(
     return final[1]
 
 
-def auto_mesh(mesh) -> Mesh:
-    """The same devices and axis names with Auto axis types.
-
-    `jax.make_mesh` gives Explicit axes by default, whose shardings become part of array types
-    and make model code (reshapes, repeats over the batch) raise sharding-type errors; the
-    sampler lets the compiler propagate shardings instead.
-    """
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
 def _untyped(x, auto_meshes: dict):
-    """Re-places an array sharded over an Explicit mesh onto its Auto twin (same layout, no copy)."""
+    """Re-places an array sharded over an Explicit-axes mesh onto its Auto twin (same layout).
+
+    Explicit shardings become part of array types and make model code (reshapes, repeats
+    over the batch) raise sharding-type errors; the sampler lets the compiler propagate
+    shardings instead.
+    """
     sharding = getattr(x, "sharding", None)
     if not isinstance(sharding, NamedSharding) or all(t == AxisType.Auto for t in sharding.mesh.axis_types):
         return x
     key = id(sharding.mesh)
     if key not in auto_meshes:
-        auto_meshes[key] = auto_mesh(sharding.mesh)
+        auto_meshes[key] = parallel.as_auto_mesh(sharding.mesh)
     return jax.device_put(x, NamedSharding(auto_meshes[key], sharding.spec))
 
 
@@ -276,7 +271,7 @@ def make_sharded_sampler(
     softdimo_jax.parallel mesh), labels and outputs are split over all mesh axes and the batch
     size must be a multiple of the mesh size; params are replicated unless `params_sharding`
     (a sharding or a pytree of them, e.g. parallel.params_shardings(mesh, ..., fsdp=True))
-    says otherwise. Outputs live on an Auto-typed twin of the mesh (see `auto_mesh`).
+    says otherwise. Outputs live on the Auto-typed twin of the mesh (parallel.as_auto_mesh).
     """
     kwargs = dict(num_tokens=num_tokens, splits=splits, vocab_size=vocab_size, **sample_kwargs)
 
@@ -286,7 +281,7 @@ def make_sharded_sampler(
     if mesh is None:
         jitted = jax.jit(run)
     else:
-        amesh = auto_mesh(mesh)
+        amesh = parallel.as_auto_mesh(mesh)
         batch = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES))
         out_sharding = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES, None, None))
         if sample_kwargs.get("return_intermediates"):
