@@ -234,8 +234,14 @@ def test_tiny_config_builds_and_runs():
     # Params from shapes (random init would compile every initializer: slow on CPU).
     fill = lambda tree: jax.tree.map(lambda x: jnp.full(x.shape, 0.01, x.dtype), tree)
     tv = fill(jax.eval_shape(tok.init, jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3))))
-    recon, enc = jax.jit(tok.apply)(tv, jnp.full((1, s, s, 3), 0.5))
+    x = jnp.linspace(0, 1, s * s * 3).reshape(1, s, s, 3)
+    recon, enc = jax.jit(tok.apply)(tv, x)
     assert recon.shape == (1, s, s, 3)
+    np.testing.assert_array_equal(np.abs(enc["bits"]), 1.0)
+    # Straight-through: the reconstruction loss reaches the encoder through the sign.
+    loss = lambda p: jnp.mean((tok.apply({"params": p}, x)[0] - x) ** 2)
+    g = jax.jit(jax.grad(loss))(tv["params"])
+    assert float(jnp.abs(g["encoder"]["conv_in"]["kernel"]).sum()) > 0
     h = s // tok.downsample_factor
     assert h * h == gen.num_tokens
     tokens = jax.vmap(lambda i: jnp.stack([i & 7, i >> 3], -1))(enc["indices"].reshape(1, -1))
