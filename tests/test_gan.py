@@ -14,8 +14,8 @@ from softdimo_jax.training.refine_config import default_gan_config
 L, BITS, S = 16, 6, 2
 
 
-def tiny_teacher():
-    return LFQBert(num_tokens=L, num_bits=BITS, splits=S, hidden_dim=32, depth=2, heads=2,
+def tiny_teacher(depth=2):
+    return LFQBert(num_tokens=L, num_bits=BITS, splits=S, hidden_dim=32, depth=depth, heads=2,
                    mlp_dim=64, num_classes=4, dropout=0.0)
 
 
@@ -75,8 +75,96 @@ def test_discriminator_loss_goes_down_on_fixed_toy_set(reg):
     update = jax.jit(gan.disc_update(disc, tx, cfg))
     losses = []
     for _ in range(40):
-        state, m = update(state, f_real, r_r, f_fake, r_f, labels)
+        state, m = update(state, f_real, r_r, labels, f_fake, r_f, labels)
         losses.append(float(m["disc_bce"]))
         assert np.isfinite(float(m["disc_loss"]))
     assert losses[-1] < 0.6 * losses[0], losses
     assert float(m["disc_acc"]) > 0.9
+
+
+def _setup(w_gan=200.0, w_dimo=1.0, soft_mode="soft"):
+    from softdimo_jax import parallel
+    from softdimo_jax.training import distill
+    from softdimo_jax.training.distill_config import default_distill_config
+
+    dcfg = default_distill_config()
+    dcfg.batch_size = 4
+    dcfg.dropout = 0.0
+    gcfg = default_gan_config()
+    gcfg.batch_size = 4
+    gcfg.w_gan, gcfg.w_dimo, gcfg.soft_mode = w_gan, w_dimo, soft_mode
+    gcfg.disc_layers = (0,)
+    gcfg.disc_hidden = 16
+    gcfg.gen_lr = 1e-3
+    gcfg.gen_warmup_steps = 0
+    model = tiny_teacher(depth=1)
+    adapter = distill.make_adapter(model, dcfg)
+    refiner = gan.GanRefiner(adapter, dcfg, gcfg, mesh=parallel.make_mesh(1))
+    t_params = model.init(jax.random.PRNGKey(0), labels=jnp.zeros((1,), jnp.int32),
+                          input_bits=jnp.zeros((1, L, BITS)))["params"]
+    dimo = refiner.distiller.init_state(t_params)
+    state = refiner.init_state(jax.random.PRNGKey(1), dimo, t_params)
+    return refiner, t_params, state
+
+
+def _gen_grads(refiner, t_params, state, rng):
+    d = refiner.distiller
+
+    @jax.jit
+    def run(state, t_params, rng):
+        d.extra = lambda z, y, k: refiner._fake_loss(state.disc.params, t_params, z, y, k)
+        try:
+            grads, cot, z, stats = d.generator_cotangent(state.dimo, t_params, rng)
+        finally:
+            d.extra = None
+        return grads, stats
+
+    return run(state, t_params, rng)
+
+
+@pytest.mark.parametrize("soft_mode", ["soft", "gumbel_st"])
+def test_gan_gradient_reaches_generator_through_frozen_teacher(soft_mode):
+    refiner, t_params, state = _setup(w_gan=1.0, w_dimo=0.0, soft_mode=soft_mode)
+    grads, stats = _gen_grads(refiner, t_params, state, jax.random.PRNGKey(5))
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    assert all(np.all(np.isfinite(np.asarray(g))) for _, g in leaves)
+    # Every transformer layer of the generator receives a GAN gradient (via soft bits ->
+    # teacher -> heads), and the GAN loss is the only term (w_dimo = 0).
+    layer_norm = float(optax_global_norm(grads["layer_0"]))
+    assert layer_norm > 1e-8, layer_norm
+    assert float(stats["extra_cot_norm"]) > 0
+    if soft_mode != "soft":
+        return
+    # Switching the GAN weight off leaves no gradient at all.
+    refiner0, _, _ = _setup(w_gan=0.0, w_dimo=0.0, soft_mode=soft_mode)
+    grads0, _ = _gen_grads(refiner0, t_params, state, jax.random.PRNGKey(5))
+    assert float(optax_global_norm(grads0)) == 0.0
+
+
+def optax_global_norm(tree):
+    import optax
+    return optax.global_norm(tree)
+
+
+def test_gan_step_moves_generator_and_disc_not_teacher():
+    from softdimo_jax.training.trainer import Trainer
+
+    refiner, t_params, state0 = _setup()
+    t_before = jax.tree.map(np.array, t_params)
+    gen_before = jax.tree.map(np.array, state0.dimo.gen_params)
+    disc_before = jax.tree.map(np.array, state0.disc.params)
+    step = jax.jit(refiner.trainer_step_fn(), donate_argnums=(0,))
+    idx = jax.random.randint(jax.random.PRNGKey(3), (4, L), 0, 2**BITS)
+    batch = {"indices": idx, "labels": jnp.arange(4) % 4}
+    state, m = step(state0, batch, jax.random.PRNGKey(4), 0, {"teacher": t_params})
+    for k in ("loss", "disc_loss", "gan_g_loss", "fkl", "aux_loss"):
+        assert np.isfinite(float(m[k])), k
+    jax.tree.map(np.testing.assert_array_equal, t_before, jax.tree.map(np.array, t_params))
+    moved = lambda a, b: any(not np.array_equal(x, np.asarray(y)) for x, y in
+                             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert moved(gen_before, state.dimo.gen_params)
+    assert moved(disc_before, state.disc.params)
+    # Frozen generator parameters (input projection) did not move.
+    np.testing.assert_array_equal(gen_before["input_proj"]["kernel"],
+                                  np.asarray(state.dimo.gen_params["input_proj"]["kernel"]))
+    assert int(state.dimo.step) == 1

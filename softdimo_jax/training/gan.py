@@ -115,16 +115,16 @@ def init_disc_state(disc_params, tx) -> DiscState:
 
 
 def disc_loss_fn(disc, gan_config):
-    """-> fn(d_params, feats_real, r_real, feats_fake, r_fake, labels, lecam_ema) ->
-    (loss, metrics). Fake features must already be stop-gradiented by the caller."""
+    """-> fn(d_params, feats_real, r_real, labels_real, feats_fake, r_fake, labels_fake,
+    lecam_ema) -> (loss, metrics). Fake features must already be stop-gradiented."""
     reg = str(gan_config.disc_reg)
     if reg not in ("none", "r1", "lecam"):
         raise ValueError(f"gan.disc_reg must be 'none', 'r1' or 'lecam', got {reg!r}")
     layers = tuple(disc.layers)
 
-    def loss_fn(d_params, feats_real, r_real, feats_fake, r_fake, labels, lecam_ema):
-        apply = lambda f, r: disc.apply({"params": d_params}, f, r, labels)
-        d_fake = apply(feats_fake, r_fake)
+    def loss_fn(d_params, feats_real, r_real, labels_real, feats_fake, r_fake, labels_fake, lecam_ema):
+        apply = lambda f, r, y: disc.apply({"params": d_params}, f, r, y)
+        d_fake = apply(feats_fake, r_fake, labels_fake)
 
         if reg == "r1":
             # R1 on the tapped features only: the rest of the teacher is frozen and untapped
@@ -133,7 +133,7 @@ def disc_loss_fn(disc, gan_config):
                 feats = list(feats_real)
                 for layer, t in zip(layers, tapped):
                     feats[layer] = t
-                out = apply(tuple(feats), r_real)
+                out = apply(tuple(feats), r_real, labels_real)
                 return jnp.sum(out), out
 
             tapped = tuple(feats_real[layer] for layer in layers)
@@ -141,7 +141,7 @@ def disc_loss_fn(disc, gan_config):
             penalty = sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in grads) / d_real.shape[0]
             reg_loss = 0.5 * gan_config.r1_gamma * penalty
         else:
-            d_real = apply(feats_real, r_real)
+            d_real = apply(feats_real, r_real, labels_real)
             reg_loss = jnp.zeros((), jnp.float32)
             if reg == "lecam":
                 reg_loss = gan_config.lecam_weight * lecam_term(d_real, d_fake, lecam_ema[0], lecam_ema[1])
@@ -160,14 +160,15 @@ def disc_loss_fn(disc, gan_config):
 
 
 def disc_update(disc, tx, gan_config) -> Callable:
-    """-> fn(DiscState, feats_real, r_real, feats_fake, r_fake, labels) -> (DiscState, metrics)."""
+    """-> fn(DiscState, feats_real, r_real, labels_real, feats_fake, r_fake, labels_fake)
+    -> (DiscState, metrics)."""
     loss_fn = disc_loss_fn(disc, gan_config)
 
-    def update(state: DiscState, feats_real, r_real, feats_fake, r_fake, labels):
+    def update(state: DiscState, feats_real, r_real, labels_real, feats_fake, r_fake, labels_fake):
         feats_real = jax.lax.stop_gradient(feats_real)
         feats_fake = jax.lax.stop_gradient(feats_fake)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, feats_real, r_real, feats_fake, r_fake, labels, state.lecam_ema)
+            state.params, feats_real, r_real, labels_real, feats_fake, r_fake, labels_fake, state.lecam_ema)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = gan_config.lecam_decay
@@ -176,3 +177,178 @@ def disc_update(disc, tx, gan_config) -> Callable:
         return DiscState(params, opt_state, ema), metrics
 
     return update
+
+
+# --------------------------------------------------------------------------- the refinement step
+
+
+def refine_distill_config(distill_config, phase_config):
+    """The distillation config with the phase's generator optimiser and batch size.
+
+    The auxiliary keeps the distillation learning rate (`aux_lr`); it shares the phase's
+    optimiser family (Distiller builds both from one config)."""
+    c = distill_config.copy_and_resolve_references()
+    aux_lr = distill_config.lr if distill_config.aux_lr is None or distill_config.aux_lr < 0 else distill_config.aux_lr
+    c.aux_lr = float(aux_lr)
+    c.optimizer = str(phase_config.gen_optimizer)
+    c.lr = float(phase_config.gen_lr)
+    c.weight_decay = float(phase_config.gen_weight_decay)
+    c.warmup_steps = int(phase_config.gen_warmup_steps)
+    c.grad_clip = float(phase_config.gen_grad_clip)
+    c.batch_size = int(phase_config.batch_size)
+    return c
+
+
+def _refine_distiller_cls():
+    from softdimo_jax.training import distill
+
+    class RefineDistiller(distill.Distiller):
+        """A Distiller whose generator gradient adds an extra differentiable loss on z_θ.
+
+        Di[M]O's generator gradient is a vjp of z_θ with cotangent g/B; an extra loss
+        L_x(z_θ) (GAN through the teacher, reward through the decoder) contributes ∂L_x/∂z_θ
+        to the same cotangent, so ONE generator backward serves both terms. `extra` is set
+        for the duration of a trace: fn(z (stop-gradient), labels, rng) -> (loss, (stats,
+        aux)); its aux output is left in `extra_out` for the caller (e.g. fake features for
+        the discriminator). With w_dimo = 0 only the extra loss drives the generator.
+        """
+
+        def __init__(self, adapter, config, mesh=None, w_dimo: float = 1.0):
+            super().__init__(adapter, config, mesh)
+            self.w_dimo = float(w_dimo)
+            self.extra = None
+            self.extra_out = None
+
+        def generator_cotangent(self, state, teacher_params, rng):
+            cfg, a = self.config, self.adapter
+            b = int(cfg.batch_size)
+            k_in, k_drop, k_sample, k_mask, k_aux = jax.random.split(rng, 5)
+            labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b)
+            z_gen, vjp = jax.vjp(
+                lambda p: self.generator_logits(p, labels, tokens, k_eps, k_drop), state.gen_params)
+            x_gen = self._sample(k_sample, jax.lax.stop_gradient(z_gen))
+            mask, x_t = self._mask(k_mask, x_gen)
+            z_t = distill.teacher_cfg_logits(a, teacher_params, x_t, labels, cfg.cfg_scale, cfg.cfg_formula)
+            z_t = jax.lax.stop_gradient(z_t / cfg.teacher_temperature)
+            z_a = jax.lax.stop_gradient(a.student_logits(state.aux_params, labels, tokens=x_t, rng=k_aux))
+            cot_dimo = distill.jeffreys_grad(z_t, z_a, mask, cfg.beta) / b
+            fkl, rkl = distill.divergences(z_t, z_a, mask)
+            stats = {"fkl": fkl, "rkl": rkl, "mask_frac": jnp.mean(mask.astype(jnp.float32)),
+                     "dimo_loss": 0.5 * b * jnp.sum(cot_dimo**2)}
+            cot = self.w_dimo * cot_dimo
+            if self.extra is not None:
+                z_sg = jax.lax.stop_gradient(z_gen).astype(jnp.float32)
+                (x_loss, (x_stats, x_aux)), x_cot = jax.value_and_grad(self.extra, has_aux=True)(
+                    z_sg, labels, jax.random.fold_in(rng, 0x6A4))
+                x_cot = jnp.where(jnp.isfinite(x_cot), x_cot, 0.0)
+                cot = cot + x_cot
+                stats.update(x_stats)
+                stats["extra_loss"] = x_loss
+                stats["extra_cot_norm"] = jnp.sqrt(jnp.sum(x_cot**2))
+                stats["dimo_cot_norm"] = jnp.sqrt(jnp.sum(cot_dimo**2))
+                self.extra_out = (x_aux, labels)
+            stats["gen_loss"] = stats["dimo_loss"] * self.w_dimo + stats.get("extra_loss", 0.0)
+            (grads,) = vjp(cot.astype(z_gen.dtype))
+            return grads, cot, z_gen, stats
+
+        def init_from(self, dimo_state):
+            """Phase start from a distilled state: θ, ψ and the EMA carried over, fresh
+            optimiser states for this phase's optimisers (their structure may differ)."""
+            gen_opt, aux_opt = self._optimizers(dimo_state.gen_params)
+            return dimo_state.replace(
+                gen_opt_state=gen_opt.init(dimo_state.gen_params),
+                aux_opt_state=aux_opt.init(dimo_state.aux_params),
+            )
+
+        def run_with_extra(self, extra, dimo_state, teacher_params, rng):
+            """One Di[M]O iteration (generator + auxiliary + EMA) with `extra` active.
+            -> (new dimo state, metrics, extra aux output, generator labels)."""
+            self.extra, self.extra_out = extra, None
+            try:
+                new_state, metrics = self._step_fn(dimo_state, teacher_params, rng)
+                out = self.extra_out
+            finally:
+                self.extra, self.extra_out = None, None
+            return new_state, metrics, out
+
+    return RefineDistiller
+
+
+def make_refine_distiller(adapter, distill_config, phase_config, mesh=None):
+    cls = _refine_distiller_cls()
+    return cls(adapter, refine_distill_config(distill_config, phase_config), mesh,
+               w_dimo=float(phase_config.get("w_dimo", 1.0)))
+
+
+@flax.struct.dataclass
+class GanState:
+    dimo: Any  # distill.DistillState
+    disc: DiscState
+
+
+class GanRefiner:
+    """Builds the GAN phase from a distillation adapter and configs.
+
+    step(state, batch, rng, teacher_params) -> (state, metrics) with batch = {"indices":
+    (B, L) real token ids, "labels": (B,)}; fits the Trainer contract through
+    `trainer_step_fn` (frozen = {"teacher": params}).
+    """
+
+    def __init__(self, adapter, distill_config, gan_config, mesh=None):
+        from softdimo_jax.models.discriminator import discriminator_from_config
+        from softdimo_jax.models.soft_embed import SoftEmbedder
+
+        self.adapter = adapter
+        self.config = gan_config
+        self.distiller = make_refine_distiller(adapter, distill_config, gan_config, mesh)
+        self.mesh = self.distiller.mesh
+        self.embedder = SoftEmbedder(mode=str(gan_config.soft_mode), tau=float(gan_config.soft_tau))
+        self.teacher = adapter.teacher
+        self.num_tokens = adapter.num_tokens
+        self.num_bits = adapter.student.num_bits
+        self.disc = discriminator_from_config(gan_config, adapter.num_tokens, adapter.num_classes)
+        self.disc_tx = make_disc_optimizer(gan_config)
+        self._disc_update = disc_update(self.disc, self.disc_tx, gan_config)
+
+    def init_disc(self, rng, teacher_params):
+        b = 2
+        feats = jax.eval_shape(
+            lambda p: teacher_features(self.teacher, p, jnp.zeros((b, self.num_tokens, self.num_bits)),
+                                       jnp.zeros((b,), jnp.int32)), teacher_params)
+        from softdimo_jax.models.discriminator import init_discriminator
+
+        return init_discriminator(self.disc, rng, feats, b)
+
+    def init_state(self, rng, dimo_state, teacher_params) -> GanState:
+        d_params = self.init_disc(rng, teacher_params)
+        return GanState(self.distiller.init_from(dimo_state), init_disc_state(d_params, self.disc_tx))
+
+    def _fake_loss(self, d_params, teacher_params, z, labels, rng):
+        k_soft, k_mask = jax.random.split(rng)
+        bits = self.embedder.bits(z, k_soft)
+        mask, r = random_position_mask(k_mask, z.shape[0], self.num_tokens, self.config.r_max)
+        feats = teacher_features(self.teacher, teacher_params, mask_positions(bits, mask), labels)
+        d_fake = self.disc.apply({"params": d_params}, feats, r, labels)
+        loss = generator_gan_loss(d_fake)
+        stats = {"gan_g_loss": loss}
+        return self.config.w_gan * loss, (stats, (jax.tree.map(jax.lax.stop_gradient, feats), r))
+
+    def step(self, state: GanState, batch, rng, teacher_params):
+        k_dimo, k_real = jax.random.split(rng)
+        extra = lambda z, labels, k: self._fake_loss(state.disc.params, teacher_params, z, labels, k)
+        dimo, metrics, out = self.distiller.run_with_extra(extra, state.dimo, teacher_params, k_dimo)
+        (feats_fake, r_fake), labels_fake = out
+
+        real_bits = real_bits_from_indices(batch["indices"], self.num_bits)
+        labels_real = jnp.asarray(batch["labels"], jnp.int32)
+        mask, r_real = random_position_mask(k_real, real_bits.shape[0], self.num_tokens, self.config.r_max)
+        feats_real = teacher_features(self.teacher, teacher_params, mask_positions(real_bits, mask), labels_real)
+        disc, d_metrics = self._disc_update(state.disc, feats_real, r_real, labels_real,
+                                            feats_fake, r_fake, labels_fake)
+        metrics = dict(metrics, **d_metrics)
+        metrics["loss"] = metrics["gen_loss"]
+        return GanState(dimo, disc), metrics
+
+    def trainer_step_fn(self):
+        """`step_fn(state, batch, rng, step, frozen)` for training.trainer.Trainer."""
+        return lambda state, batch, rng, step, frozen: self.step(state, batch, rng, frozen["teacher"])

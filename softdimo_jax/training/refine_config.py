@@ -47,7 +47,6 @@ def default_gan_config() -> ml_collections.ConfigDict:
     c.r1_gamma = 1.0
     c.lecam_weight = 0.1
     c.lecam_decay = 0.99
-    c.disc_steps = 1  # discriminator updates per generator update
     c.log_every = 50
     c.ckpt_every = 1000
     return c
