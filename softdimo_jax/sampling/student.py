@@ -1,0 +1,122 @@
+"""One-step sampling from the distilled Di[M]O / Soft-Di[M]O generator.
+
+The generator sees the same kind of input it was trained on (SPEC §1.1 step 1): random
+tokens with round(r_init·L) MASK positions, embedded and perturbed with σ-scaled Gaussian
+noise, plus the class label. One forward gives logits z (B, L, S, V); then
+- 'hard': tokens ~ Cat(softmax(z / temperature)) (argmax at temperature 0), decoded through
+  the tokenizer's bit codebook;
+- 'soft': the expected ±1 bits under softmax(z / tau) (SPEC §1.2), decoded directly; the
+  decoder reads continuous bits, so the soft sample is a smooth function of the generator.
+
+The EMA weights are the default (`student_params(state)`), as in the reference.
+`sample_cli_hook` has the signature `softdimo_jax.sample` expects for `--mode student`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from softdimo_jax import parallel
+from softdimo_jax.models import lfq
+from softdimo_jax.models.soft_embed import SoftEmbedder
+from softdimo_jax.training import distill
+
+MODES = ("hard", "soft")
+
+
+def student_params(state, use_ema: bool = True):
+    """The generator weights of a `DistillState` (EMA by default)."""
+    return state.ema_params if use_ema else state.gen_params
+
+
+def one_step_logits(adapter, params, rng, labels, *, r_init: float = 0.6, sigma_init: float = 0.1,
+                    init_mask_mode: str = "position"):
+    """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic."""
+    k_tok, k_eps = jax.random.split(rng)
+    labels = jnp.asarray(labels, jnp.int32)
+    _, tokens = distill.initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
+    e = adapter.embed(params, tokens)
+    e = distill.perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
+    return adapter.student_logits(params, labels, embeddings=e)
+
+
+def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float = 0.6,
+                         sigma_init: float = 0.1, init_mask_mode: str = "position",
+                         temperature: float = 1.0, soft_mode: str = "soft", tau: float = 1.0,
+                         dtype=None) -> Callable:
+    """fn(params, rng, labels) -> {"tokens": (B, L, S)} ('hard') or {"bits": (B, L, bits)}
+    ('soft'), jitted; labels are sharded over `mesh` (default: all devices)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown student sampling mode {mode!r}; choose one of {MODES}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+    adapter = distill.LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
+    embedder = SoftEmbedder(mode=soft_mode, tau=tau)
+    mesh = distill.auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+
+    def fn(params, rng, labels):
+        k_in, k_out = jax.random.split(rng)
+        z = one_step_logits(adapter, params, k_in, labels, r_init=r_init, sigma_init=sigma_init,
+                            init_mask_mode=init_mask_mode)
+        if mode == "soft":
+            return {"bits": embedder.bits(z, k_out if soft_mode.startswith("gumbel") else None)}
+        if temperature == 0:
+            return {"tokens": jnp.argmax(z, axis=-1).astype(jnp.int32)}
+        return {"tokens": jax.random.categorical(k_out, z / temperature, axis=-1).astype(jnp.int32)}
+
+    jitted = jax.jit(fn, in_shardings=(None, parallel.replicated(mesh), parallel.batch_sharding(mesh, 1)))
+
+    def sample(params, rng, labels):
+        labels = jnp.asarray(labels, jnp.int32)
+        parallel.check_batch_divisible(labels.shape[0], mesh)
+        return jitted(params, rng, labels)
+
+    return sample
+
+
+def sampler_from_config(model, distill_config, mode: str = "hard", mesh=None) -> Callable:
+    """The student sampler with the settings of a `default_distill_config()`."""
+    c = distill_config
+    return make_student_sampler(
+        model, mesh=mesh, mode=mode, r_init=c.r_init, sigma_init=c.sigma_init,
+        init_mask_mode=c.init_mask_mode, temperature=c.sample.temperature,
+        soft_mode=c.soft.mode, tau=c.soft.tau, dtype=c.compute_dtype,
+    )
+
+
+def decode_images(tokenizer, tokenizer_params, out: dict, num_bits: int, splits: int):
+    """{"tokens"} or {"bits"} from a student sampler -> images (B, H, W, C) in [0, 1]."""
+    if "bits" in out:
+        bits = out["bits"]
+    else:
+        bits = lfq.subtokens_to_bits(out["tokens"], num_bits, splits)
+    b, n, k = bits.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} tokens do not form a square grid")
+    images = tokenizer.apply({"params": tokenizer_params}, bits.reshape(b, side, side, k),
+                             method=type(tokenizer).decode_bits)
+    return jnp.clip(images, 0.0, 1.0)
+
+
+def make_student_image_sampler(model, tokenizer, distill_config, mode: str = "hard", mesh=None):
+    """fn(gen_params, tokenizer_params, rng, labels) -> images in [0, 1] (one jitted decode)."""
+    sample = sampler_from_config(model, distill_config, mode, mesh)
+    decode = jax.jit(lambda tp, out: decode_images(tokenizer, tp, out, model.num_bits, model.splits))
+    return lambda gp, tp, rng, labels: decode(tp, sample(gp, rng, labels))
+
+
+def sample_cli_hook(model, mesh, sampler_kwargs: dict) -> Callable:
+    """`softdimo_jax.sample` SAMPLERS['student'] hook. Recognised sampler_kwargs:
+    student_mode ('hard'|'soft'), r_init, sigma_init, student_temperature (hard
+    sampling temperature), soft_tau; the teacher-only keys are ignored."""
+    kw = dict(sampler_kwargs)
+    return make_student_sampler(
+        model, mesh=mesh, mode=kw.get("student_mode", "hard"), r_init=kw.get("r_init", 0.6),
+        sigma_init=kw.get("sigma_init", 0.1), temperature=kw.get("student_temperature", 1.0),
+        tau=kw.get("soft_tau", 1.0),
+    )
