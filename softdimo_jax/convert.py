@@ -120,6 +120,20 @@ FAMILIES: dict[str, Family] = {
         expected="softdimo_jax.conversion.maskgen:clip_text_expected_params",
         help="OpenCLIP ViT-L-14-336 text tower (full CLIP state dict accepted; visual.* ignored)",
     ),
+    "maskgit_transformer": Family(
+        module="softdimo_jax.models.maskgit:MaskGITTransformer",
+        converter="softdimo_jax.conversion.maskgit:convert_maskgit_transformer",
+        defaults="softdimo_jax.conversion.maskgit:maskgit_transformer_defaults",
+        expected="softdimo_jax.models.maskgit:maskgit_expected_params",
+        help="Di[M]O's MaskGIT teacher (MaskGIT_ImageNet_256.pth, weights under model_state_dict)",
+    ),
+    "taming_vqgan": Family(
+        module="softdimo_jax.models.taming_vqgan:TamingVQModel",
+        converter="softdimo_jax.conversion.maskgit:convert_taming_vqgan",
+        defaults="softdimo_jax.conversion.maskgit:taming_vqgan_defaults",
+        expected="softdimo_jax.models.taming_vqgan:vqgan_expected_params",
+        help="taming VQGAN f16-1024 (Lightning last.ckpt; loss.* keys skipped and reported)",
+    ),
 }
 
 

@@ -194,11 +194,34 @@ def convert_taming_vqgan(
     s.finish()
     check_params_match(params, expected, name=name)
     if s.ignored:
-        log.info("%s: skipped %d training-loss keys (%s), not part of the model", name,
-                 len(s.ignored), ", ".join(sorted({k.split(".")[1] if "." in k else k for k in s.ignored})))
+        groups = sorted({".".join(k.split(".")[:2]) for k in s.ignored})
+        log.warning("%s: skipped %d keys of the training loss (%s), not part of the model", name,
+                    len(s.ignored), ", ".join(groups))
     if return_ignored:
         return params, list(s.ignored)
     return params
+
+
+# --- convert-CLI registry hooks (softdimo_jax.convert.FAMILIES) ----------------------
+def maskgit_transformer_defaults(bits: int | None = None) -> dict:
+    """Module fields of Di[M]O's ImageNet-256 MaskGIT teacher (`bits` does not apply)."""
+    if bits is not None:
+        raise ValueError("--bits does not apply to maskgit_transformer (use --set codebook_size=...)")
+    from softdimo_jax.models.maskgit import IMAGENET256_CFG
+
+    return dict(IMAGENET256_CFG)
+
+
+def taming_vqgan_defaults(bits: int | None = None) -> dict:
+    """Module fields of taming's ImageNet f16-1024 VQGAN (`bits` does not apply)."""
+    if bits is not None:
+        raise ValueError("--bits does not apply to taming_vqgan (use --set n_embed=...)")
+    from softdimo_jax.models.taming_vqgan import IMAGENET_F16_1024_CFG, taming_vqgan_from_cfg
+
+    m = taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
+    fields = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
+              "resolution", "z_channels", "double_z", "n_embed", "embed_dim")
+    return {f: list(getattr(m, f)) if isinstance(getattr(m, f), tuple) else getattr(m, f) for f in fields}
 
 
 # --- file loaders -----------------------------------------------------------------------
