@@ -31,26 +31,36 @@ from softdimo_jax.sampling.grid import save_image_grid
 FLAGS = flags.FLAGS
 D = maskbit_sampler.IMAGENET_DEFAULTS
 
-flags.DEFINE_enum("mode", "teacher", ["teacher", "student"], "teacher: multi-step MaskBit decoding; student: one-step generator.")
-flags.DEFINE_string("generator", None, "Converted generator checkpoint (the teacher in teacher mode).")
-flags.DEFINE_string("tokenizer", None, "Converted tokenizer (ConvVQModel) checkpoint.")
-flags.DEFINE_string("labels", None, "Comma-separated class labels, one image each, e.g. 1,7,282.")
-flags.DEFINE_string("out", "grid.png", "Output PNG path.")
-flags.DEFINE_string("save_tokens", None, "Optional .npy path for the sampled (B, h, w) token ids.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_integer("nrow", None, "Images per grid row (default ceil(sqrt(N))).")
-flags.DEFINE_integer("num_devices", None, "Devices to shard the batch over (default: all).")
-flags.DEFINE_integer("batch_size", 64, "Samples per jitted call (rounded up to a multiple of the device count).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the generator (params stay float32).")
-flags.DEFINE_integer("num_steps", D["num_steps"], "Teacher decoding steps.")
-flags.DEFINE_float("guidance_scale", D["guidance_scale"], "CFG scale s in c + s*a(i)*(c - u); 0 disables CFG.")
-flags.DEFINE_enum("guidance_annealing", D["guidance_annealing"], list(maskbit_sampler.GUIDANCE_ANNEALINGS),
-                  "a(i): cosine = MaskBit's power-cos annealing.")
-flags.DEFINE_float("scale_pow", D["scale_pow"], "Power of the power-cos guidance annealing.")
-flags.DEFINE_float("randomize_temperature", D["randomize_temperature"], "Gumbel confidence noise scale (times 1 - progress).")
-flags.DEFINE_float("softmax_temperature", D["softmax_temperature"], "Sampling temperature.")
-flags.DEFINE_bool("use_sampling_annealing", D["use_sampling_annealing"], "Temperature 0.5 + 0.8*(1 - progress) instead.")
-flags.DEFINE_enum("mask_schedule", D["mask_schedule"], list(maskbit_sampler.MASK_SCHEDULES), "Mask schedule.")
+_FLAGS_DEFINED = False
+
+
+def define_flags() -> None:
+    """Defines this CLI's flags (only when it runs, so importing the module adds no globals
+    that could collide with other CLIs in the same process). Idempotent."""
+    global _FLAGS_DEFINED
+    if _FLAGS_DEFINED:
+        return
+    _FLAGS_DEFINED = True
+    flags.DEFINE_enum("mode", "teacher", ["teacher", "student"], "teacher: multi-step MaskBit decoding; student: one-step generator.")
+    flags.DEFINE_string("generator", None, "Converted generator checkpoint (the teacher in teacher mode).")
+    flags.DEFINE_string("tokenizer", None, "Converted tokenizer (ConvVQModel) checkpoint.")
+    flags.DEFINE_string("labels", None, "Comma-separated class labels, one image each, e.g. 1,7,282.")
+    flags.DEFINE_string("out", "grid.png", "Output PNG path.")
+    flags.DEFINE_string("save_tokens", None, "Optional .npy path for the sampled (B, h, w) token ids.")
+    flags.DEFINE_integer("seed", 0, "PRNG seed.")
+    flags.DEFINE_integer("nrow", None, "Images per grid row (default ceil(sqrt(N))).")
+    flags.DEFINE_integer("num_devices", None, "Devices to shard the batch over (default: all).")
+    flags.DEFINE_integer("batch_size", 64, "Samples per jitted call (rounded up to a multiple of the device count).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the generator (params stay float32).")
+    flags.DEFINE_integer("num_steps", D["num_steps"], "Teacher decoding steps.")
+    flags.DEFINE_float("guidance_scale", D["guidance_scale"], "CFG scale s in c + s*a(i)*(c - u); 0 disables CFG.")
+    flags.DEFINE_enum("guidance_annealing", D["guidance_annealing"], list(maskbit_sampler.GUIDANCE_ANNEALINGS),
+                      "a(i): cosine = MaskBit's power-cos annealing.")
+    flags.DEFINE_float("scale_pow", D["scale_pow"], "Power of the power-cos guidance annealing.")
+    flags.DEFINE_float("randomize_temperature", D["randomize_temperature"], "Gumbel confidence noise scale (times 1 - progress).")
+    flags.DEFINE_float("softmax_temperature", D["softmax_temperature"], "Sampling temperature.")
+    flags.DEFINE_bool("use_sampling_annealing", D["use_sampling_annealing"], "Temperature 0.5 + 0.8*(1 - progress) instead.")
+    flags.DEFINE_enum("mask_schedule", D["mask_schedule"], list(maskbit_sampler.MASK_SCHEDULES), "Mask schedule.")
 
 
 def load_checkpoint(path: str, **runtime_overrides):
@@ -190,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

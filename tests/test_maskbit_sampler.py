@@ -214,6 +214,7 @@ def test_sample_cli_writes_grid(tmp_path, monkeypatch):
     out = tmp_path / "grid.png"
     argv = ["sample", "--generator=G", "--tokenizer=T", "--labels=1,2,3", "--num_steps=3",
             f"--out={out}", f"--save_tokens={tmp_path / 'ids.npy'}", "--nrow=3", "--num_devices=2"]
+    sample.define_flags()
     try:
         flags.FLAGS(argv)
         sample.main(["sample"])
