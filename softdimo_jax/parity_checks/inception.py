@@ -27,12 +27,34 @@ def inception_from_cfg(cfg: dict, **overrides) -> FIDInceptionV3:
     return FIDInceptionV3(**kw)
 
 
+def _as_uint8_nhwc(img: np.ndarray, what: str) -> np.ndarray:
+    if img.shape[1] == 3:  # the fixtures' PyTorch layout
+        img = img.transpose(0, 2, 3, 1)
+    elif img.shape[-1] != 3:
+        raise ValueError(f"{what}: expected (B, 3, H, W) or (B, H, W, 3) images, got {img.shape}")
+    if img.dtype != np.uint8:
+        if not np.issubdtype(img.dtype, np.integer) or img.min() < 0 or img.max() > 255:
+            raise ValueError(f"{what}: images must be uint8 (or integers in [0, 255]), got {img.dtype}")
+        img = img.astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
 def check_inception(fx: Fixture) -> list[Check]:
     images = {k: v for k, v in fx.inputs.items() if np.asarray(v).ndim == 4}
     if not images:
         raise ValueError(f"{fx.path}: no image inputs (uint8 (B, 3, H, W)) under in/")
-    wanted = sorted({k.split("/", 1)[1] for k in fx.outputs if "/" in k})
-    model = inception_from_cfg(fx.cfg, features=tuple(f for f in FEATURES if f in wanted) or ("2048",))
+    # Outputs are `out/<image>/<feature>`; with a single image input, bare `out/<feature>` too.
+    targets: dict[str, dict[str, str]] = {name: {} for name in images}
+    for key in fx.outputs:
+        name, _, feat = key.rpartition("/")
+        if name in images and feat in FEATURES:
+            targets[name][feat] = key
+        elif not name and len(images) == 1 and feat in FEATURES:
+            targets[next(iter(images))][feat] = key
+    wanted = {f for t in targets.values() for f in t}
+    if not wanted:
+        raise ValueError(f"{fx.path}: no outputs named <image>/<feature> with features in {FEATURES}; got {sorted(fx.outputs)}")
+    model = inception_from_cfg(fx.cfg, features=tuple(f for f in FEATURES if f in wanted))
     params = convert_inception(fx.sd, model, name=f"{fx.path} sd/")
 
     batch = max(v.shape[0] for v in images.values())
@@ -41,15 +63,11 @@ def check_inception(fx: Fixture) -> list[Check]:
     checks = []
     with jax.default_matmul_precision("float32"):
         for name, img in sorted(images.items()):
-            nhwc = np.ascontiguousarray(np.asarray(img).transpose(0, 2, 3, 1))
-            if nhwc.dtype != np.uint8:
-                raise ValueError(f"{fx.path}: in/{name} must be uint8, got {nhwc.dtype}")
+            nhwc = _as_uint8_nhwc(np.asarray(img), f"{fx.path}: in/{name}")
             n = len(nhwc)
             x = prep(jnp.asarray(nhwc))
             x = jnp.pad(x, ((0, batch - n), (0, 0), (0, 0), (0, 0)))
             got = net(params, x)
-            for feat in model.features:
-                key = f"{name}/{feat}"
-                if key in fx.outputs:
-                    checks.append(compare(key, np.asarray(got[feat])[:n], fx.outputs[key], "features"))
+            for feat, key in sorted(targets[name].items()):
+                checks.append(compare(key, np.asarray(got[feat])[:n], fx.outputs[key], "features"))
     return checks
