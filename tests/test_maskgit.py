@@ -152,6 +152,12 @@ def test_cfg_builders_validate():
         taming_vqgan_from_cfg(dict(TINY_VQ, ddconfig=dict(TINY_VQ["ddconfig"], double_z=True)))
     whole_yaml = {"model": {"params": dict(TINY_VQ, lossconfig={"target": "x"})}}
     assert taming_vqgan_from_cfg(whole_yaml).n_embed == 16
+    with pytest.raises(NotImplementedError, match="remap"):
+        taming_vqgan_from_cfg(dict(TINY_VQ, remap="used.npy"))
+    # resamp_with_conv=False: average-pool / plain nearest resampling, no resampling convs.
+    no_conv = taming_vqgan_from_cfg(dict(TINY_VQ, ddconfig=dict(TINY_VQ["ddconfig"], resamp_with_conv=False)))
+    enc = vqgan_expected_params(no_conv)["encoder"]
+    assert "down_0_downsample" not in enc and "down_0_block_0" in enc
 
 
 # --- transformer API --------------------------------------------------------------------

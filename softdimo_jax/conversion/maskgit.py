@@ -220,7 +220,7 @@ def taming_vqgan_defaults(bits: int | None = None) -> dict:
 
     m = taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
     fields = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
-              "resolution", "z_channels", "double_z", "n_embed", "embed_dim")
+              "resolution", "z_channels", "double_z", "n_embed", "embed_dim", "resamp_with_conv", "tanh_out")
     return {f: list(getattr(m, f)) if isinstance(getattr(m, f), tuple) else getattr(m, f) for f in fields}
 
 

@@ -85,22 +85,26 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    with_conv: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        if not self.with_conv:
+            return nn.avg_pool(x, (2, 2), strides=(2, 2))
         # torch pads (left 0, right 1, top 0, bottom 1), then a VALID stride-2 conv.
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
         return _conv3(x.shape[-1], "conv", self.dtype, stride=2, padding="VALID")(x)
 
 
 class Upsample(nn.Module):
+    with_conv: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest, x2
-        return _conv3(x.shape[-1], "conv", self.dtype)(x)
+        return _conv3(x.shape[-1], "conv", self.dtype)(x) if self.with_conv else x
 
 
 class Encoder(nn.Module):
@@ -112,6 +116,7 @@ class Encoder(nn.Module):
     z_channels: int
     double_z: bool = False
     dropout: float = 0.0
+    resamp_with_conv: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -126,7 +131,7 @@ class Encoder(nn.Module):
                 if curr_res in self.attn_resolutions:
                     h = AttnBlock(self.dtype, name=f"down_{i}_attn_{j}")(h)
             if i != n_levels - 1:
-                h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
+                h = Downsample(self.resamp_with_conv, self.dtype, name=f"down_{i}_downsample")(h)
                 curr_res //= 2
         h = ResnetBlock(h.shape[-1], self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
         h = AttnBlock(self.dtype, name="mid_attn_1")(h)
@@ -144,6 +149,8 @@ class Decoder(nn.Module):
     attn_resolutions: Sequence[int]
     resolution: int
     dropout: float = 0.0
+    resamp_with_conv: bool = True
+    tanh_out: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -162,10 +169,11 @@ class Decoder(nn.Module):
                 if curr_res in self.attn_resolutions:
                     h = AttnBlock(self.dtype, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
-                h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+                h = Upsample(self.resamp_with_conv, self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
         h = _swish(_group_norm("norm_out")(h)).astype(self.dtype)
-        return _conv3(self.out_ch, "conv_out", self.dtype)(h)
+        h = _conv3(self.out_ch, "conv_out", self.dtype)(h)
+        return jnp.tanh(h) if self.tanh_out else h
 
 
 class TamingVQModel(nn.Module):
@@ -185,6 +193,8 @@ class TamingVQModel(nn.Module):
     double_z: bool = False
     n_embed: int = 1024
     embed_dim: int = 256
+    resamp_with_conv: bool = True
+    tanh_out: bool = False
     dtype: Any = jnp.float32
 
     @property
@@ -200,9 +210,9 @@ class TamingVQModel(nn.Module):
                 raise ValueError(f"every block width must be divisible by {_GN_GROUPS} (GroupNorm); got {width}")
         common = dict(ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                       attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                      dropout=self.dropout, dtype=self.dtype)
+                      dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype)
         self.encoder = Encoder(self.ch, z_channels=self.z_channels, double_z=False, name="encoder", **common)
-        self.decoder = Decoder(self.ch, self.out_ch, name="decoder", **common)
+        self.decoder = Decoder(self.ch, self.out_ch, tanh_out=self.tanh_out, name="decoder", **common)
         self.quant_conv = nn.Dense(self.embed_dim, dtype=self.dtype, name="quant_conv")
         self.post_quant_conv = nn.Dense(self.z_channels, dtype=self.dtype, name="post_quant_conv")
         self.codebook_embedding = self.param(
@@ -293,6 +303,10 @@ def taming_vqgan_from_cfg(cfg: Mapping[str, Any], **overrides) -> TamingVQModel:
         raise ValueError("taming VQModel needs ddconfig.double_z = False (VQ models set it explicitly)")
     if dd.get("in_channels", 3) != 3 or dd.get("out_ch", 3) != 3:
         raise ValueError("only RGB VQGANs (in_channels = out_ch = 3) are supported")
+    if dd.get("give_pre_end", False):
+        raise ValueError("ddconfig.give_pre_end returns decoder features, not images; unsupported")
+    if cfg.get("remap") is not None:
+        raise NotImplementedError("VectorQuantizer2 index remapping (remap=...) is not supported")
     kwargs = dict(
         ch=int(dd["ch"]),
         out_ch=int(dd["out_ch"]),
@@ -306,6 +320,8 @@ def taming_vqgan_from_cfg(cfg: Mapping[str, Any], **overrides) -> TamingVQModel:
         double_z=False,
         n_embed=int(cfg["n_embed"]),
         embed_dim=int(cfg["embed_dim"]),
+        resamp_with_conv=bool(dd.get("resamp_with_conv", True)),
+        tanh_out=bool(dd.get("tanh_out", False)),
     )
     kwargs.update(overrides)
     return TamingVQModel(**kwargs)
