@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", help="output folder for metrics.json and the sample grid")
     out.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     out.add_argument("--is-splits", type=int, default=10)
+    out.add_argument("--pr-backend", choices=["auto", "host", "device"], default="auto",
+                     help="precision/recall distances: host float64, or accelerator float32 (auto: device unless CPU)")
     out.add_argument("--progress-secs", type=float, default=30.0, help="seconds between progress lines")
     return p
 
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = images_only()
 
     metrics = evaluate_images(batches, reference, extractor, num_images=n, compute_pr=want_pr,
-                              is_splits=args.is_splits, log=log, every_secs=args.progress_secs)
+                              is_splits=args.is_splits, log=log, every_secs=args.progress_secs,
+                              pr_backend=args.pr_backend)
     metrics["seconds"] = time.monotonic() - t0
     result = {"samples": args.samples or f"generated:{args.generator}", "reference": args.reference,
               "inception": args.inception, **metrics}

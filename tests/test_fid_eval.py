@@ -22,6 +22,7 @@ from softdimo_jax.evaluation.fid import (
     evaluate_images,
     fid_against_reference,
     frechet_distance_lowrank,
+    precision_recall_device,
     to_uint8,
 )
 from softdimo_jax.evaluation.reference_stats import (
@@ -222,6 +223,7 @@ def test_blocked_precision_recall_equals_one_shot():
     assert stats.precision_recall_blocked(real, fake, k=3, block=16) == pytest.approx(want)
     assert 0 < want[0] < 1 and 0 < want[1] < 1
     np.testing.assert_allclose(stats.knn_radii_blocked(real, 3, block=7), stats._knn_radii(real, 3))
+    assert precision_recall_device(real, fake, k=3, block=16) == pytest.approx(want)
 
 
 def test_periodic_fid_hook(extractor):
