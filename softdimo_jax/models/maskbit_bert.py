@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softdimo_jax.models import lfq
 
@@ -211,6 +212,9 @@ class LFQBert(nn.Module):
                 f"{input_embeddings.shape}"
             )
 
+        _check_range("labels", labels, self.num_classes, "num_classes (the drop label)")
+        if tokens is not None:
+            _check_range("tokens", tokens, self.mask_token, "the MASK id 2**(bits/S)")
         labels = jnp.asarray(labels, jnp.int32).reshape(b)
         if drop_label_mask is not None:
             labels = jnp.where(jnp.asarray(drop_label_mask, bool).reshape(b), self.drop_label, labels)
@@ -240,6 +244,16 @@ class LFQBert(nn.Module):
         if return_features:
             return logits, tuple(features)
         return logits
+
+
+def _check_range(name: str, x, high: int, what: str) -> None:
+    """Raises for out-of-range ids when they are concrete (a one-hot of an out-of-range
+    label would silently be zero); traced values are left to the caller."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    arr = np.asarray(x)
+    if arr.size and (arr.min() < 0 or arr.max() > high):
+        raise ValueError(f"{name} must lie in [0, {high}] ({what}), got [{arr.min()}, {arr.max()}]")
 
 
 def _cfg_get(cfg: Mapping[str, Any], key: str, default=None):
