@@ -270,5 +270,19 @@ def test_cli_end_to_end(tmp_path, params):
     assert m["num_samples"] == 8 and m["fid"] < 1e-2
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert os.path.exists(os.path.join(out, "samples_grid.png"))
+    # Reference statistics from a (mock) tfds dataset, then the same samples against them.
+    import tensorflow_datasets as tfds
+
+    tfds_ref = str(tmp_path / "tfds_ref.npz")
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        rc = main(["--make-reference", "imagenet2012", "--num-reference", "4", "--image-size", "32",
+                   "--reference", tfds_ref, "--inception", ckpt, "--batch-size", "8",
+                   "--samples", samples, "--out", out, "--no-pr"])
+    assert rc == 0
+    ref_back = load_reference(tfds_ref, need_features=True)
+    assert ref_back.num_samples == 4 and ref_back.features.shape == (4, 2048)
+    with open(os.path.join(out, "metrics.json")) as f:
+        m2 = json.load(f)
+    assert m2["fid"] > 0 and "precision" not in m2
     with pytest.raises(NotImplementedError, match="not wired"):
         main(["--generator", "student", "--reference", ref, "--inception", ckpt])

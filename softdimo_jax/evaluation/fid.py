@@ -119,6 +119,7 @@ class InceptionFeatureExtractor:
       features: which outputs to return (default pool features + unbiased logits).
       precision: "highest" (default) keeps convolutions in full float32 on TPU/GPU, whose
         default bf16/TF32 passes shift FID; None uses JAX's default (faster).
+      model: a ready FIDInceptionV3 (then `features` and `precision` are its own).
     """
 
     def __init__(self, params: Any, *, mesh=None, batch_size: int | None = None,
