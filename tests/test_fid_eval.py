@@ -177,8 +177,11 @@ def test_class_balanced_labels():
     labels = class_labels = export.class_balanced_labels(50_000, 1000)
     assert np.all(np.bincount(class_labels, minlength=1000) == 50) and len(labels) == 50_000
     np.testing.assert_array_equal(np.bincount(export.class_balanced_labels(10, 4)), [3, 3, 2, 2])
+    # Every contiguous IS split (5000 of 50k) is balanced too.
+    assert all(np.all(np.bincount(c, minlength=1000) == 5) for c in np.array_split(labels, 10))
     shuffled = export.class_balanced_labels(100, 10, seed=0)
-    assert np.all(np.bincount(shuffled) == 10) and not np.all(np.diff(shuffled) >= 0)
+    assert np.all(np.bincount(shuffled) == 10)
+    assert not np.array_equal(shuffled, export.class_balanced_labels(100, 10))
 
 
 def test_adm_export_round_trip(tmp_path):

@@ -347,7 +347,10 @@ def compute_metrics(fake: ActivationSet, reference, *, is_splits: int = 10, pr_k
                     compute_pr: bool = True, pr_block: int = 1024, pr_backend: str = "auto") -> dict[str, float]:
     """FID (vs reference mu/sigma), IS (fake unbiased logits) and, when both sides kept
     pool features, improved precision/recall. `pr_backend`: "host" (float64 numpy),
-    "device" (float32 on the accelerator) or "auto" (device unless JAX runs on CPU)."""
+    "device" (float32 on the accelerator) or "auto" (device unless JAX runs on CPU).
+
+    IS splits are contiguous chunks in sample order, as in the ADM evaluator: generate with
+    export.class_balanced_labels (interleaved classes), not class-major order."""
     out: dict[str, float] = {"num_samples": float(fake.n)}
     out["fid"] = fid_against_reference(fake, reference)
     logits = fake.logits
