@@ -135,3 +135,13 @@ def test_expected_params_cover_published_keys(fixture):
     n_leaves = len(jax.tree.leaves(inception_expected_params(FIDInceptionV3())))
     n_keys = sum(not k.endswith("num_batches_tracked") for k in fixture.sd)
     assert n_leaves == n_keys == 472
+
+
+def test_convert_cli_family(tmp_path, fixtures_dir, params):
+    """`python -m softdimo_jax.convert --model fid_inception SRC DST`, then load_inception(DST)."""
+    from softdimo_jax.convert import main as convert_main
+
+    dst = str(tmp_path / "inception_ckpt")
+    assert convert_main(["--model", "fid_inception", str(fixtures_dir / "inception_a.npz"), dst]) == 0
+    loaded = load_inception(dst)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
