@@ -52,3 +52,212 @@ def test_bpe_tokenizer_missing_file_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="merges file"):
         ClipBPETokenizer(str(tmp_path / "nope.txt.gz"))
+
+
+def test_generation_condition_comes_from_the_clip_fixture(fixtures_dir):
+    """maskgen_vq_a's gen_* conditions are the clip_text_a tower's outputs on gen_clip_ids."""
+    from softdimo_jax.conversion.maskgen import convert_clip_text
+    from softdimo_jax.models.clip_text import clip_text_from_cfg
+
+    clip = parity.load_fixture(str(fixtures_dir / "maskgen_clip_text_a.npz"))
+    gen = parity.load_fixture(str(fixtures_dir / "maskgen_vq_a.npz"))
+    model = clip_text_from_cfg(clip.cfg)
+    params = convert_clip_text(clip.sd, model)
+    with jax.default_matmul_precision("highest"):
+        out = model.apply({"params": params}, jnp.asarray(gen.inputs["gen_clip_ids"]))
+    np.testing.assert_allclose(out.penultimate[:-1], gen.inputs["gen_condition"], atol=2e-4)
+    np.testing.assert_allclose(out.pooled[:-1], gen.inputs["gen_condition_pooled"], atol=2e-4)
+    np.testing.assert_allclose(out.penultimate[-1:], gen.inputs["gen_none_condition"], atol=2e-4)
+    np.testing.assert_allclose(out.pooled[-1:], gen.inputs["gen_none_condition_pooled"], atol=2e-4)
+
+
+# ------------------------------------------------------------------------------- TA-TiTok
+def test_tatitok_fixture_parity(fixtures_dir):
+    names = _run(fixtures_dir / "tatitok_a.npz")
+    assert {"encoder_z", "indices", "reconstructed", "decoded", "soft_latents", "decoded_soft"} <= names
+
+
+def test_tatitok_soft_decode_of_one_hot_equals_token_decode(fixtures_dir):
+    from softdimo_jax.conversion.maskgen import convert_tatitok
+    from softdimo_jax.models.tatitok import TATiTok, tatitok_from_cfg
+
+    fx = parity.load_fixture(str(fixtures_dir / "tatitok_a.npz"))
+    model = tatitok_from_cfg(fx.cfg)
+    v = {"params": convert_tatitok(fx.sd, model)}
+    ids = jnp.asarray(fx.inputs["tokens"], jnp.int32)
+    text = jnp.asarray(fx.inputs["text_guidance"])
+
+    @jax.jit
+    def run(v, ids, text, probs):
+        hard = model.apply(v, ids, text, method=TATiTok.decode_tokens)
+        soft = model.apply(v, jax.nn.one_hot(ids, model.codebook_size), text, method=TATiTok.decode_soft)
+        grad = jax.grad(lambda p: model.apply(v, p, text, method=TATiTok.decode_soft).sum())(probs)
+        return hard, soft, grad
+
+    hard, soft, grad = run(v, ids, text, jnp.asarray(fx.inputs["soft_probs"]))
+    assert hard.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(soft, hard, atol=1e-5)
+    assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+    with pytest.raises(ValueError, match="NHWC"):
+        model.apply(v, jnp.zeros((1, 3, 32, 32)), text[:1])
+
+
+# ------------------------------------------------------------------- conversion, full size
+def _zeros_sd(shapes):
+    # np.zeros maps untouched zero pages: the sources cost no memory until read.
+    return {k: np.zeros(tuple(s), np.float32) for k, s in shapes.items()}
+
+
+def _count(tree):
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("which", ["maskgen_vq_l", "tatitok_bl128_vq", "openclip_vit_l_14_336_text"])
+def test_full_size_state_dicts_convert_strictly(fixtures_dir, which):
+    """Every key and shape of the released checkpoints maps onto the full-size modules."""
+    import gc
+
+    from softdimo_jax.conversion import maskgen as conv
+    from softdimo_jax.models.clip_text import ClipTextTransformer
+    from softdimo_jax.models.maskgen import MaskGenVQ
+    from softdimo_jax.models.tatitok import TATiTok
+
+    shapes = json.load(open(fixtures_dir / "maskgen_full_shapes.json"))[which]
+    counts = json.load(open(fixtures_dir / "maskgen_full_param_counts.json"))[which]
+    if which == "maskgen_vq_l":
+        model, fn = MaskGenVQ(**conv.maskgen_vq_defaults()), conv.convert_maskgen_vq
+    elif which == "tatitok_bl128_vq":
+        model, fn = TATiTok(**conv.tatitok_defaults()), conv.convert_tatitok
+    else:
+        model, fn = ClipTextTransformer(**conv.clip_text_defaults()), conv.convert_clip_text
+    sd = _zeros_sd(shapes)
+    params = fn(sd, model)  # raises on any missing / unexpected / misshapen key
+    n = _count(params)
+    del params, sd
+    gc.collect()
+    # logit_scale (1 element) is not a parameter of the text tower; lm_head is tied.
+    assert n == counts["unique_parameters"] - (1 if which.startswith("openclip") else 0)
+
+
+# --------------------------------------------------------------------- conversion, errors
+@pytest.fixture(scope="module")
+def maskgen_fx(fixtures_dir):
+    from softdimo_jax.conversion.maskgen import convert_maskgen_vq
+    from softdimo_jax.models.maskgen import maskgen_vq_from_cfg
+
+    fx = parity.load_fixture(str(fixtures_dir / "maskgen_vq_a.npz"))
+    model = maskgen_vq_from_cfg(fx.cfg)
+    return fx, model, convert_maskgen_vq(fx.sd, model)
+
+
+def test_maskgen_converter_tied_head_and_errors(maskgen_fx):
+    from softdimo_jax.conversion.maskgen import convert_maskgen_vq
+
+    fx, model, params = maskgen_fx
+    sd = dict(fx.sd)
+    del sd["lm_head.weight"]  # tied: may be missing from a saved file
+    p2 = convert_maskgen_vq(sd, model)
+    np.testing.assert_array_equal(p2["embeddings"]["embedding"], params["embeddings"]["embedding"])
+
+    untied = dict(fx.sd, **{"lm_head.weight": fx.sd["lm_head.weight"] + 1})
+    with pytest.raises(ConversionError, match="weight_tying=False"):
+        convert_maskgen_vq(untied, model)
+
+    bad = dict(fx.sd)
+    del bad["blocks.0.attn.to_q.bias"]
+    bad["blocks.0.attn.extra.weight"] = np.zeros(3, np.float32)
+    bad["pos_embed"] = np.zeros((1, 8, 64), np.float32)
+    with pytest.raises(ConversionError) as e:
+        convert_maskgen_vq(bad, model)
+    msg = str(e.value)
+    assert "blocks.0.attn.to_q.bias" in msg and "blocks.0.attn.extra.weight" in msg and "pos_embed" in msg
+
+
+# ------------------------------------------------------------------ MaskGen-VQ extras
+def test_maskgen_soft_embeddings_features_and_dtypes(maskgen_fx):
+    from softdimo_jax.models.maskgen import MaskGenVQ, embedding_table
+
+    fx, model, params = maskgen_fx
+    v = {"params": params}
+    i = fx.inputs
+    tokens = jnp.asarray(i["tokens"], jnp.int32)
+    args = (jnp.asarray(i["condition"]), jnp.asarray(i["condition_pooled"]), jnp.asarray(i["aesthetic_score"]))
+
+    @jax.jit
+    def hard_and_soft(v, tokens, args):
+        logits, feats = model.apply(v, tokens, *args, return_features=True)
+        emb = model.apply(v, tokens, method=MaskGenVQ.embed_tokens)
+        # One-hot probabilities over K codes + MASK reproduce the hard token embeddings.
+        probs = jax.nn.one_hot(tokens, model.codebook_size + 1)
+        soft = model.apply(v, probs, method=MaskGenVQ.embed_probs)
+        from_emb = lambda e: model.apply(v, None, *args, input_embeddings=e)
+        grad = jax.grad(lambda p: from_emb(model.apply(v, p, method=MaskGenVQ.embed_probs)).std())(probs)
+        return logits, feats, emb, soft, from_emb(emb), grad
+
+    with jax.default_matmul_precision("highest"):
+        logits, feats, emb, soft, logits_emb, grad = hard_and_soft(v, tokens, args)
+    assert len(feats) == model.depth and feats[-1].shape == (3, 16, 64)
+    np.testing.assert_allclose(soft, emb, atol=1e-6)
+    np.testing.assert_allclose(logits_emb, logits, atol=1e-5)
+    assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+    table = model.apply(v, method=MaskGenVQ.embedding_table)
+    assert table.shape == (32, 64)
+    np.testing.assert_array_equal(table, embedding_table(params, 32))
+
+    remat = MaskGenVQ(**{**_fields(model), "remat": True})
+    np.testing.assert_allclose(jax.jit(remat.apply)(v, tokens, *args), logits, atol=1e-4)
+    bf16 = MaskGenVQ(**{**_fields(model), "dtype": jnp.bfloat16})
+    out = jax.jit(bf16.apply)(v, tokens, *args)
+    assert out.dtype == jnp.float32 and np.abs(out - logits).max() < 0.15
+    with pytest.raises(ValueError, match="aesthetic_score"):
+        model.apply(v, tokens, *args[:2])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.apply(v, None, *args)
+
+
+def _fields(model):
+    import dataclasses
+
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_schedule_values():
+    from softdimo_jax.sampling.maskgen_sampler import maskgen_schedule
+
+    s = maskgen_schedule(16, 128, guidance_scale=12.0, randomize_temperature=2.0)
+    assert s.cfg_scale[-1] == pytest.approx(12.0) and s.cfg_scale[0] == pytest.approx(1 + 11 * (1 - np.cos(np.pi / 16)) / 2)
+    assert np.all(np.diff(s.cfg_scale) > 0)  # cosine growth from ~1 to the full scale
+    assert s.softmax_temperature[-1] == pytest.approx(0.5) and s.gumbel_temperature[-1] == 0
+    assert s.mask_len[-1] == 0 and np.all(np.diff(s.mask_len) <= 0)
+
+
+def test_generate_with_null_condition_guidance_and_noise(maskgen_fx):
+    from softdimo_jax.models.maskgen import guided_logits
+    from softdimo_jax.sampling.maskgen_sampler import maskgen_generate, maskgen_one_step
+
+    fx, model, params = maskgen_fx
+    i = fx.inputs
+    cond, pooled = jnp.asarray(i["gen_condition"]), jnp.asarray(i["gen_condition_pooled"])
+    nc, npool = jnp.asarray(i["gen_none_condition"]), jnp.asarray(i["gen_none_condition_pooled"])
+    kw = dict(num_steps=4, guidance_scale=4.0, randomize_temperature=1.5, return_trace=True)
+    a, tr = maskgen_generate(model, params, cond, pooled, nc, npool, jax.random.PRNGKey(1), 6.5, **kw)
+    b, _ = maskgen_generate(model, params, cond, pooled, nc, npool, jax.random.PRNGKey(1), 6.5, **kw)
+    c, _ = maskgen_generate(model, params, cond, pooled, nc, npool, jax.random.PRNGKey(2), 6.5, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, 16) and (np.asarray(a) < model.codebook_size).all() and (a != c).any()
+    # The second half of the guided batch runs on the null (empty-caption) condition.
+    ids0 = tr["input_ids"][1, :2]
+    v = {"params": params}
+    fwd = jax.jit(model.apply)
+    un = fwd(v, ids0, jnp.broadcast_to(nc, cond.shape), jnp.broadcast_to(npool, pooled.shape), 6.5)
+    co = fwd(v, ids0, cond, pooled, 6.5)
+    np.testing.assert_allclose(tr["logits"][1, 2:], un, atol=1e-4)
+    np.testing.assert_allclose(tr["logits"][1, :2], co, atol=1e-4)
+    # Each step fixes more tokens (the masked count shrinks to 0).
+    n_masked = (np.asarray(tr["input_ids"][:, :2]) == model.mask_token_id).sum(-1)
+    assert (n_masked[0] == 16).all() and np.all(np.diff(n_masked, axis=0) < 0)
+    assert np.abs(guided_logits(co, un, 0.0) - co).max() == 0
+
+    ids, logits = maskgen_one_step(model, params, cond, pooled, jax.random.PRNGKey(0), 6.5)
+    assert ids.shape == (2, 16) and logits.shape == (2, 16, 32) and (np.asarray(ids) < 32).all()

@@ -20,30 +20,39 @@ from softdimo_jax.conversion.state_dict import ConversionError, StrictStateDict,
 from softdimo_jax.models.maskgen import MaskGenVQ
 
 
+def _f32(a: np.ndarray) -> np.ndarray:
+    # No copy for float32 sources (a 600M-parameter checkpoint stays a set of views).
+    return np.asarray(a, dtype=np.float32)
+
+
 def _linear_t(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.T)
+    return _f32(w).T
 
 
 def _conv_t(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    return _f32(w).transpose(2, 3, 1, 0)
+
+
+def _take(sd: StrictStateDict, key: str, shape, transform=_f32) -> np.ndarray:
+    return sd.take(key, shape, dtype=None, transform=transform)
 
 
 def _dense(sd: StrictStateDict, prefix: str, n_in: int, n_out: int, bias: bool = True) -> dict:
-    out = {"kernel": sd.take(prefix + ".weight", (n_out, n_in), transform=_linear_t)}
+    out = {"kernel": _take(sd, prefix + ".weight", (n_out, n_in), _linear_t)}
     if bias:
-        out["bias"] = sd.take(prefix + ".bias", (n_out,))
+        out["bias"] = _take(sd, prefix + ".bias", (n_out,))
     return out
 
 
 def _conv(sd: StrictStateDict, prefix: str, n_in: int, n_out: int, k: int) -> dict:
     return {
-        "kernel": sd.take(prefix + ".weight", (n_out, n_in, k, k), transform=_conv_t),
-        "bias": sd.take(prefix + ".bias", (n_out,)),
+        "kernel": _take(sd, prefix + ".weight", (n_out, n_in, k, k), _conv_t),
+        "bias": _take(sd, prefix + ".bias", (n_out,)),
     }
 
 
 def _norm(sd: StrictStateDict, prefix: str, n: int) -> dict:
-    return {"scale": sd.take(prefix + ".weight", (n,)), "bias": sd.take(prefix + ".bias", (n,))}
+    return {"scale": _take(sd, prefix + ".weight", (n,)), "bias": _take(sd, prefix + ".bias", (n,))}
 
 
 def _expected(model, *args, method=None) -> Any:
@@ -74,10 +83,10 @@ def convert_maskgen_vq(sd: Mapping[str, np.ndarray], model: MaskGenVQ, *, name: 
     s = StrictStateDict(sd, name=name)
     d, tw = model.embed_dim, model.text_embed_dim
     pooled_in = tw + (model.micro_condition_embed_dim if model.micro_condition else 0)
-    emb = s.take("embeddings.weight", (model.num_embeddings, d))
+    emb = _take(s, "embeddings.weight", (model.num_embeddings, d))
     p: dict[str, Any] = {
         "embeddings": {"embedding": emb},
-        "pos_embed": s.take("pos_embed", (1, model.seq_len, d)),
+        "pos_embed": _take(s, "pos_embed", (1, model.seq_len, d)),
         "text_embed_proj": _dense(s, "text_embed_proj", tw, d),
         "cond_pooled_proj": _dense(s, "cond_pooled_proj", pooled_in, d),
         "norm": _dense(s, "norm.linear", d, 2 * d),
@@ -112,7 +121,7 @@ def convert_maskgen_vq(sd: Mapping[str, np.ndarray], model: MaskGenVQ, *, name: 
         p[f"blocks_{i}"] = blk
     if model.weight_tying:
         if "lm_head.weight" in s:
-            head = s.take("lm_head.weight", (model.num_embeddings, d))
+            head = _take(s, "lm_head.weight", (model.num_embeddings, d))
             if head is not None and emb is not None and head.shape == emb.shape and not np.array_equal(head, emb):
                 raise ConversionError(
                     f"{name}: lm_head.weight differs from embeddings.weight, so the checkpoint is not "
@@ -135,8 +144,8 @@ def _resblock(s: StrictStateDict, pre: str, w: int, mlp_ratio: float = 4.0) -> d
         "ln_1": _norm(s, pre + "ln_1", w),
         "attn": {
             "in_proj": {
-                "kernel": s.take(pre + "attn.in_proj_weight", (3 * w, w), transform=_linear_t),
-                "bias": s.take(pre + "attn.in_proj_bias", (3 * w,)),
+                "kernel": _take(s, pre + "attn.in_proj_weight", (3 * w, w), _linear_t),
+                "bias": _take(s, pre + "attn.in_proj_bias", (3 * w,)),
             },
             "out_proj": _dense(s, pre + "attn.out_proj", w, w),
         },
@@ -170,10 +179,10 @@ def convert_clip_text(
     s = StrictStateDict(sd, name=name, ignore_prefixes=ignore_prefixes, strip_prefixes=strip_prefixes)
     w = model.width
     p: dict[str, Any] = {
-        "token_embedding": {"embedding": s.take("token_embedding.weight", (model.vocab_size, w))},
-        "positional_embedding": s.take("positional_embedding", (model.context_length, w)),
+        "token_embedding": {"embedding": _take(s, "token_embedding.weight", (model.vocab_size, w))},
+        "positional_embedding": _take(s, "positional_embedding", (model.context_length, w)),
         "ln_final": _norm(s, "ln_final", w),
-        "text_projection": s.take("text_projection", (w, model.embed_dim)),
+        "text_projection": _take(s, "text_projection", (w, model.embed_dim)),
     }
     for i in range(model.layers):
         p[f"resblocks_{i}"] = _resblock(s, f"transformer.resblocks.{i}.", w)
@@ -181,3 +190,96 @@ def convert_clip_text(
     s.finish()
     check_params_match(p, clip_text_expected_params(model), name=name)
     return p
+
+
+# ----------------------------------------------------------------------------------------
+# TA-TiTok (VQ)
+
+
+def tatitok_expected_params(model) -> Any:
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    text = jnp.zeros((1, model.text_context_length, model.text_embed_dim), jnp.float32)
+    return _expected(model, images, text)
+
+
+def convert_tatitok(sd: Mapping[str, np.ndarray], model, *, name: str = "tatitok") -> dict:
+    """TA-TiTok (VQ, non-legacy) state dict -> params of a TATiTok (strict).
+
+    `quantize.embed_prob` (the clustering-VQ usage statistics, a training-time buffer) is
+    skipped when present."""
+    s = StrictStateDict(sd, name=name)
+    ew, dw, C = model.enc_width, model.dec_width, model.token_size
+    L, K = model.num_latent_tokens, model.codebook_size
+    ge = (model.image_size // model.enc_patch_size) ** 2
+    gd = (model.image_size // model.dec_patch_size) ** 2
+    pe, pd = model.enc_patch_size, model.dec_patch_size
+    enc = {
+        "patch_embed": _conv(s, "encoder.patch_embed", 3, ew, pe),
+        "class_embedding": _take(s, "encoder.class_embedding", (1, ew)),
+        "positional_embedding": _take(s, "encoder.positional_embedding", (ge + 1, ew)),
+        "latent_token_positional_embedding": _take(s, "encoder.latent_token_positional_embedding", (L, ew)),
+        "ln_pre": _norm(s, "encoder.ln_pre", ew),
+        "ln_post": _norm(s, "encoder.ln_post", ew),
+        # 1×1 conv over the width -> Dense
+        "conv_out": {
+            "kernel": _take(s, "encoder.conv_out.weight", (C, ew, 1, 1), lambda w: _linear_t(w[:, :, 0, 0])),
+            "bias": _take(s, "encoder.conv_out.bias", (C,)),
+        },
+    }
+    for i in range(model.enc_layers):
+        enc[f"transformer_{i}"] = _resblock(s, f"encoder.transformer.{i}.", ew)
+    dec = {
+        "decoder_embed": _dense(s, "decoder.decoder_embed", C, dw),
+        "class_embedding": _take(s, "decoder.class_embedding", (1, dw)),
+        "positional_embedding": _take(s, "decoder.positional_embedding", (gd + 1, dw)),
+        "mask_token": _take(s, "decoder.mask_token", (1, 1, dw)),
+        "latent_token_positional_embedding": _take(s, "decoder.latent_token_positional_embedding", (L, dw)),
+        "text_guidance_proj": _dense(s, "decoder.text_guidance_proj", model.text_embed_dim, dw),
+        "text_guidance_positional_embedding": _take(
+            s, "decoder.text_guidance_positional_embedding", (model.text_context_length, dw)
+        ),
+        "ln_pre": _norm(s, "decoder.ln_pre", dw),
+        "ln_post": _norm(s, "decoder.ln_post", dw),
+        "ffn": {
+            "kernel": _take(s, "decoder.ffn.0.weight", (pd * pd * 3, dw, 1, 1), lambda w: _linear_t(w[:, :, 0, 0])),
+            "bias": _take(s, "decoder.ffn.0.bias", (pd * pd * 3,)),
+        },
+        "conv_out": _conv(s, "decoder.conv_out", 3, 3, 3),
+    }
+    for i in range(model.dec_layers):
+        dec[f"transformer_{i}"] = _resblock(s, f"decoder.transformer.{i}.", dw)
+    p = {
+        "latent_tokens": _take(s, "latent_tokens", (L, ew)),
+        "encoder": enc,
+        "decoder": dec,
+        "quantize": {"embedding": _take(s, "quantize.embedding.weight", (K, C))},
+    }
+    s.skip("quantize.embed_prob")
+    s.finish()
+    check_params_match(p, tatitok_expected_params(model), name=name)
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# Released sizes (for softdimo_jax.convert's registry; `bits` is unused by these families)
+
+
+def maskgen_vq_defaults(bits=None) -> dict:
+    """MaskGen-VQ-L (configs/infer/MaskGen/maskgen_vq_l.yaml), ~604M parameters."""
+    return dict(codebook_size=8192, seq_len=128, embed_dim=1024, depth=16, num_heads=16,
+                text_embed_dim=768, micro_condition=True, micro_condition_embed_dim=256,
+                condition_num_classes=1000, weight_tying=True)
+
+
+def tatitok_defaults(bits=None) -> dict:
+    """TA-TiTok bl128 VQ (configs/infer/TA-TiTok/tatitok_bl128_vq.yaml), ~391M parameters."""
+    return dict(image_size=256, enc_patch_size=16, dec_patch_size=16, enc_width=768, enc_layers=12,
+                enc_heads=12, dec_width=1024, dec_layers=24, dec_heads=16, num_latent_tokens=128,
+                token_size=64, codebook_size=8192, use_l2_norm=False, text_context_length=77,
+                text_embed_dim=768)
+
+
+def clip_text_defaults(bits=None) -> dict:
+    """OpenCLIP ViT-L-14-336 (OpenAI weights) text tower, ~124M parameters."""
+    return dict(vocab_size=49408, context_length=77, width=768, heads=12, layers=12, embed_dim=768,
+                quick_gelu=True, pool_type="argmax", eos_id=49407, ln_eps=1e-5)

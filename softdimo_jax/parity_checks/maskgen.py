@@ -7,6 +7,8 @@ Matmuls run at full float32 precision so that accelerators do not fall back to T
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,11 @@ from softdimo_jax.parity import Check, Fixture, compare
 
 def _hi():
     return jax.default_matmul_precision("highest")
+
+
+def _jit(model, method=None):
+    # One compiled program per entry point is cheaper than op-by-op dispatch.
+    return jax.jit(functools.partial(model.apply, method=method) if method else model.apply)
 
 
 # ----------------------------------------------------------------------------------------
@@ -35,7 +42,8 @@ def check_maskgen_vq(fx: Fixture) -> list[Check]:
         pooled = jnp.asarray(i["condition_pooled"])
         score = jnp.asarray(i["aesthetic_score"])
         b = tokens.shape[0]
-        logits = model.apply(v, tokens, cond, pooled, score)
+        fwd = _jit(model)
+        logits = fwd(v, tokens, cond, pooled, score)
         checks.append(compare("logits", logits, o["logits"], "logits"))
         if "micro_cond_embedding" in o:
             emb = aesthetic_embedding(score, model.micro_condition_embed_dim)
@@ -46,7 +54,7 @@ def check_maskgen_vq(fx: Fixture) -> list[Check]:
         if "cfg_logits" in o:
             none_c = jnp.broadcast_to(jnp.asarray(i["none_condition"]), cond.shape)
             none_p = jnp.broadcast_to(jnp.asarray(i["none_condition_pooled"]), pooled.shape)
-            uncond = model.apply(v, tokens, none_c, none_p, score)
+            uncond = fwd(v, tokens, none_c, none_p, score)
             scale = float(fx.cfg.get("cfg_scale", 3.0))
             checks.append(compare("cfg_logits", guided_logits(logits, uncond, scale), o["cfg_logits"], "logits"))
         if "gen_ids" in o:
@@ -102,12 +110,13 @@ def check_clip_text(fx: Fixture) -> list[Check]:
     i, o = fx.inputs, fx.outputs
     checks: list[Check] = []
     with _hi():
-        out = model.apply(v, jnp.asarray(i["ids"], jnp.int32))
+        fwd = _jit(model)
+        out = fwd(v, jnp.asarray(i["ids"], jnp.int32))
         for name in ("penultimate", "pooled", "text_guidance"):
             if name in o:
                 checks.append(compare(name, getattr(out, name), o[name], "hidden"))
         if "pre_condition" in o:
-            pre = model.apply(v, jnp.asarray(i["pre_ids"], jnp.int32))
+            pre = fwd(v, jnp.asarray(i["pre_ids"], jnp.int32))
             cond, pooled = drop_to_null(pre.penultimate[:-1], pre.pooled[:-1], pre.penultimate[-1:],
                                         pre.pooled[-1:], i["pre_drop_mask"])
             checks.append(compare("pre_condition", cond, o["pre_condition"], "hidden"))
@@ -118,4 +127,51 @@ def check_clip_text(fx: Fixture) -> list[Check]:
         tok = ClipBPETokenizer(path, context_length=int(fx.cfg.get("context_length", 77)))
         ids = tok.tokenize(list(fx.cfg["tokenizer_captions"]))
         checks.append(compare("tokenizer_ids", ids, o["tokenizer_ids"], "ids"))
+    return checks
+
+
+# ----------------------------------------------------------------------------------------
+def _nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def _c1l(x):
+    """(B, L, C) latents -> the original's (B, C, 1, L)."""
+    return np.asarray(x).transpose(0, 2, 1)[:, :, None, :]
+
+
+def check_tatitok(fx: Fixture) -> list[Check]:
+    from softdimo_jax.conversion.maskgen import convert_tatitok
+    from softdimo_jax.models.tatitok import TATiTok, tatitok_from_cfg
+
+    model = tatitok_from_cfg(fx.cfg)
+    params = convert_tatitok(fx.sd, model, name=f"{fx.path}:sd")
+    v = {"params": params}
+    i, o = fx.inputs, fx.outputs
+    checks: list[Check] = []
+    with _hi():
+        text = jnp.asarray(i["text_guidance"])
+        if "image" in i:
+            # The fixture's images are in [0, 1] already; only the layout changes.
+            images = jnp.asarray(np.asarray(i["image"]).transpose(0, 2, 3, 1))
+            rec, enc = _jit(model)(v, images, text)
+            if "encoder_z" in o:
+                checks.append(compare("encoder_z", _c1l(enc["encoder_z"]), o["encoder_z"], "hidden"))
+            if "indices" in o:
+                checks.append(compare("indices", np.asarray(enc["indices"])[:, None, :], o["indices"], "ids"))
+            if "z_quantized" in o:
+                checks.append(compare("z_quantized", _c1l(enc["z_quantized"]), o["z_quantized"], "hidden"))
+            if "reconstructed" in o:
+                checks.append(compare("reconstructed", _nchw(rec), o["reconstructed"], "image"))
+        if "decoded" in o:
+            dec = _jit(model, TATiTok.decode_tokens)(v, jnp.asarray(i["tokens"], jnp.int32), text)
+            checks.append(compare("decoded", _nchw(dec), o["decoded"], "image"))
+        if "soft_latents" in o or "decoded_soft" in o:
+            probs = jnp.asarray(i["soft_probs"])
+            lat = model.apply(v, probs, method=TATiTok.soft_latents)
+            if "soft_latents" in o:
+                checks.append(compare("soft_latents", _c1l(lat), o["soft_latents"], "hidden"))
+            if "decoded_soft" in o:
+                dec = _jit(model, TATiTok.decode_soft)(v, probs, text)
+                checks.append(compare("decoded_soft", _nchw(dec), o["decoded_soft"], "image"))
     return checks
