@@ -370,3 +370,23 @@ def test_convert_cli_registry_round_trip(fixtures_dir, tmp_path):
 
     assert MaskGITTransformer(**maskgit_transformer_defaults()) == maskgit_transformer_from_cfg(IMAGENET256_CFG)
     assert TamingVQModel(**convert._from_json(taming_vqgan_defaults())) == taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
+
+
+def test_file_loaders(fixtures_dir, tmp_path):
+    import yaml
+
+    from softdimo_jax.conversion.maskgit import load_maskgit_transformer, load_taming_vqgan, taming_vqgan_from_yaml
+
+    fx = load_fixture(str(fixtures_dir / "taming_vqgan_a.npz"))
+    cfg_path = tmp_path / "model.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel",
+                                                  "params": dict(fx.cfg, lossconfig={"target": "x"})}}))
+    vq = taming_vqgan_from_yaml(str(cfg_path))
+    assert vq == taming_vqgan_from_cfg(fx.cfg)
+    params, ignored = load_taming_vqgan(fx.path, vq, return_ignored=True)
+    assert ignored == []
+    np.testing.assert_array_equal(params["codebook"], fx.sd["quantize.embedding.weight"])
+
+    fx = load_fixture(str(fixtures_dir / "maskgit_transformer_a.npz"))
+    params = load_maskgit_transformer(fx.path, maskgit_transformer_from_cfg(fx.cfg))
+    np.testing.assert_array_equal(params["bias"], fx.sd["bias"])

@@ -225,10 +225,6 @@ def taming_vqgan_defaults(bits: int | None = None) -> dict:
 
 
 # --- file loaders -----------------------------------------------------------------------
-def _is_torch_file(path: str) -> bool:
-    return path.lower().endswith((".bin", ".pth", ".pt", ".ckpt"))
-
-
 def load_maskgit_transformer(path: str, model: MaskGITTransformer, *, subkey: str | None = None) -> dict:
     """Reads a MaskGIT checkpoint (`.pth` with `model_state_dict`, a plain state dict
     `.bin`, `.safetensors` or `.npz`) and converts it for `model`."""
