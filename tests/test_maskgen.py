@@ -261,3 +261,57 @@ def test_generate_with_null_condition_guidance_and_noise(maskgen_fx):
 
     ids, logits = maskgen_one_step(model, params, cond, pooled, jax.random.PRNGKey(0), 6.5)
     assert ids.shape == (2, 16) and logits.shape == (2, 16, 32) and (np.asarray(ids) < 32).all()
+
+
+# ------------------------------------------------------------------ other configurations
+def test_maskgen_variant_configs_convert_and_run(maskgen_fx):
+    """No micro-condition, untied head, one block (which is then the context_pre_only one)."""
+    from softdimo_jax.conversion.maskgen import convert_maskgen_vq
+    from softdimo_jax.models.maskgen import maskgen_vq_from_cfg
+
+    fx, _, _ = maskgen_fx
+    cfg = json.loads(json.dumps(fx.cfg))
+    cfg["model"]["maskgen"].update(micro_condition=False, weight_tying=False, decoder_depth=1)
+    model = maskgen_vq_from_cfg(cfg)
+    tw = cfg["model"]["vq_model"]["text_embed_dim"]
+    sd = {k: v for k, v in fx.sd.items() if not k.startswith(("blocks.0.", "lm_head"))}
+    sd = {k.replace("blocks.1.", "blocks.0."): v for k, v in sd.items()}
+    sd["cond_pooled_proj.weight"] = fx.sd["cond_pooled_proj.weight"][:, :tw]
+    sd["lm_head.weight"] = fx.sd["embeddings.weight"][:32]
+    sd["lm_head.bias"] = np.zeros(32, np.float32)
+    params = convert_maskgen_vq(sd, model)
+    i = fx.inputs
+    out = jax.eval_shape(model.apply, {"params": params}, jnp.asarray(i["tokens"]), i["condition"],
+                         i["condition_pooled"])
+    assert out.shape == (3, 16, 32)
+
+
+def test_tatitok_and_clip_variant_configs_build():
+    from softdimo_jax.models.clip_text import ClipTextTransformer
+    from softdimo_jax.models.tatitok import tatitok_from_cfg
+
+    cfg = {"model": {"vq_model": {
+        "quantize_mode": "vq", "codebook_size": 16, "token_size": 8, "use_l2_norm": True,
+        "vit_enc_model_size": "fixture_enc", "vit_dec_model_size": "tiny", "vit_enc_patch_size": 8,
+        "vit_dec_patch_size": 16, "num_latent_tokens": 4, "finetune_decoder": False, "is_legacy": False,
+        "text_context_length": 7, "text_embed_dim": 12}},
+        "dataset": {"preprocessing": {"crop_size": 32}},
+        "fixture_sizes": {"enc": {"width": 16, "layers": 1, "heads": 2},
+                          "tiny": {"width": 24, "layers": 1, "heads": 3}}}
+    model = tatitok_from_cfg(cfg)
+    images, text = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 7, 12))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)
+    assert variables["params"]["decoder"]["ffn"]["kernel"].shape == (24, 16 * 16 * 3)
+    rec, enc = jax.eval_shape(model.apply, variables, images, text)
+    assert rec.shape == (2, 32, 32, 3) and enc["indices"].shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown ViT"):
+        tatitok_from_cfg({**cfg, "fixture_sizes": {}})
+    with pytest.raises(NotImplementedError, match="legacy"):
+        tatitok_from_cfg({**cfg, "model": {"vq_model": {**cfg["model"]["vq_model"], "is_legacy": True}}})
+
+    clip = ClipTextTransformer(vocab_size=50, context_length=9, width=16, heads=2, layers=1, embed_dim=8,
+                               quick_gelu=False, pool_type="eos", eos_id=49)
+    ids = jnp.zeros((2, 9), jnp.int32)
+    v = jax.eval_shape(clip.init, jax.random.PRNGKey(0), ids)
+    out = jax.eval_shape(clip.apply, v, ids)
+    assert out.penultimate.shape == (2, 9, 16) and out.pooled.shape == (2, 1, 8)

@@ -118,8 +118,8 @@ class ClipTextTransformer(nn.Module):
     def setup(self):
         if self.pool_type not in _POOL_TYPES:
             raise ValueError(f"text pool type {self.pool_type!r} not in {_POOL_TYPES}")
-        if self.layers < 2:
-            raise ValueError("the penultimate-layer condition needs at least 2 layers")
+        if self.layers < 1:
+            raise ValueError("the text tower needs at least one layer")
         self.token_embedding = nn.Embed(self.vocab_size, self.width, name="token_embedding")
         self.positional_embedding = self.param(
             "positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width)
