@@ -136,6 +136,13 @@ def test_legacy_token_emb_name_passes_parity(bert_fx):
     assert all(c.passed for c in parity.family_check(fx.model)(fx))
 
 
+def test_ddp_prefix_is_stripped(bert_fx):
+    model = maskbit_bert_from_cfg(bert_fx.cfg)
+    ref = convert_maskbit_bert(bert_fx.sd, model)
+    got = convert_maskbit_bert({"module." + k: v for k, v in bert_fx.sd.items()}, model)
+    np.testing.assert_array_equal(got["layer_1"]["mlp_fc2"]["kernel"], ref["layer_1"]["mlp_fc2"]["kernel"])
+
+
 def test_bit_buffer_is_checked(bert_fx, tok_fx):
     sd = dict(bert_fx.sd, bits_to_indices=np.array([1, 2, 8], np.int32))
     with pytest.raises(ConversionError, match="bits_to_indices"):

@@ -26,6 +26,8 @@ from softdimo_jax.models.maskbit_tokenizer import ConvVQModel
 
 # Older MaskBit checkpoints call the bit projection `token_emb`.
 BERT_ALIASES = {"token_emb.": "input_proj."}
+# Wrappers a saved state dict may carry: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _linear_t(w: np.ndarray, block: int = 256) -> np.ndarray:
@@ -77,7 +79,7 @@ def bert_expected_params(model: LFQBert) -> Any:
 
 def convert_maskbit_bert(sd: Mapping[str, np.ndarray], model: LFQBert, *, name: str = "maskbit generator") -> dict:
     """MaskBit `LFQBert` state dict -> params of `model` (strict)."""
-    s = StrictStateDict(sd, name=name, aliases=BERT_ALIASES)
+    s = StrictStateDict(sd, name=name, aliases=BERT_ALIASES, strip_prefixes=WRAPPER_PREFIXES)
     d, L, bits = model.hidden_dim, model.num_tokens, model.num_bits
     p: dict[str, Any] = {
         "input_proj": _dense(s, "input_proj", bits, d),
@@ -153,7 +155,7 @@ def convert_maskbit_tokenizer(
     sd: Mapping[str, np.ndarray], model: ConvVQModel, *, name: str = "maskbit tokenizer"
 ) -> dict:
     """MaskBit `ConvVQModel` (lookup-free) state dict -> params of `model` (strict)."""
-    s = StrictStateDict(sd, name=name)
+    s = StrictStateDict(sd, name=name, strip_prefixes=WRAPPER_PREFIXES)
     enc_plan, dec_plan = model.stage_plan()
     h = model.hidden_channels
     enc: dict[str, Any] = {"conv_in": _conv(s, "encoder.conv_in", model.num_channels, h, 3, bias=False)}
