@@ -6,8 +6,9 @@
 
 Checkpoints are the ones `python -m softdimo_jax.convert` writes (loaded through
 `softdimo_jax.convert.load_converted`). `--mode teacher` runs MaskBit's multi-step parallel
-decoding (defaults = MaskBit's released ImageNet settings); `--mode student` is the hook for
-the one-step Di[M]O generator (see SAMPLERS below). The batch is sharded over all visible
+decoding (defaults = MaskBit's released ImageNet settings); `--mode student` samples the
+one-step Di[M]O generator in one forward (`--student_mode hard` tokens, or `soft`: the
+expected bits decoded directly), see SAMPLERS below. The batch is sharded over all visible
 devices (or --num_devices); it is padded to a multiple of the device count and the padding
 dropped, and each chunk of --batch_size samples gets rng fold_in(seed, chunk), so the images
 depend on the seed, the label list and --batch_size.
@@ -42,7 +43,8 @@ def define_flags() -> None:
         return
     _FLAGS_DEFINED = True
     flags.DEFINE_enum("mode", "teacher", ["teacher", "student"], "teacher: multi-step MaskBit decoding; student: one-step generator.")
-    flags.DEFINE_string("generator", None, "Converted generator checkpoint (the teacher in teacher mode).")
+    flags.DEFINE_string("generator", None, "Converted generator checkpoint: the teacher (teacher mode) or the "
+                        "distilled one-step generator saved in the same format (student mode).")
     flags.DEFINE_string("tokenizer", None, "Converted tokenizer (ConvVQModel) checkpoint.")
     flags.DEFINE_string("labels", None, "Comma-separated class labels, one image each, e.g. 1,7,282.")
     flags.DEFINE_string("out", "grid.png", "Output PNG path.")
@@ -61,6 +63,12 @@ def define_flags() -> None:
     flags.DEFINE_float("softmax_temperature", D["softmax_temperature"], "Sampling temperature.")
     flags.DEFINE_bool("use_sampling_annealing", D["use_sampling_annealing"], "Temperature 0.5 + 0.8*(1 - progress) instead.")
     flags.DEFINE_enum("mask_schedule", D["mask_schedule"], list(maskbit_sampler.MASK_SCHEDULES), "Mask schedule.")
+    # Student (one-step) settings; the defaults are those of the distillation config.
+    flags.DEFINE_enum("student_mode", "hard", ["hard", "soft"], "hard: sampled tokens; soft: decode the expected bits.")
+    flags.DEFINE_float("student_temperature", 1.0, "Hard one-step sampling temperature (0 = argmax).")
+    flags.DEFINE_float("soft_tau", 1.0, "Softmax temperature of the soft decode.")
+    flags.DEFINE_float("r_init", 0.6, "MASK fraction of the student's initial state.")
+    flags.DEFINE_float("sigma_init", 0.1, "Noise scale of the student's initial embeddings.")
 
 
 def load_checkpoint(path: str, **runtime_overrides):
@@ -89,15 +97,14 @@ def teacher_sampler(model, mesh, sampler_kwargs: dict) -> Callable:
 
 
 def student_sampler(model, mesh, sampler_kwargs: dict) -> Callable:
-    """The hook for the one-step Di[M]O / Soft-Di[M]O generator.
+    """The one-step Di[M]O / Soft-Di[M]O generator (softdimo_jax.sampling.student).
 
-    It must return fn(params, rng, labels) -> {"tokens": (B, L, S)} for the hard one-step
-    sample, or {"bits": (B, L, num_bits)} expected ±1 bits for the soft decode.
+    fn(params, rng, labels) -> {"tokens": (B, L, S)} for the hard one-step sample, or
+    {"bits": (B, L, num_bits)} expected ±1 bits for the soft decode.
     """
-    raise NotImplementedError(
-        "--mode student needs the one-step generator from the distillation phase, which is not "
-        "in this version yet; use --mode teacher"
-    )
+    from softdimo_jax.sampling import student
+
+    return student.sample_cli_hook(model, mesh, sampler_kwargs)
 
 
 SAMPLERS: dict[str, Callable[[Any, Any, dict], Callable]] = {"teacher": teacher_sampler, "student": student_sampler}
@@ -188,6 +195,14 @@ def main(argv):
         use_sampling_annealing=FLAGS.use_sampling_annealing,
         mask_schedule=FLAGS.mask_schedule,
     )
+    if FLAGS.mode == "student":
+        sampler_kwargs = dict(
+            student_mode=FLAGS.student_mode,
+            student_temperature=FLAGS.student_temperature,
+            soft_tau=FLAGS.soft_tau,
+            r_init=FLAGS.r_init,
+            sigma_init=FLAGS.sigma_init,
+        )
     images, ids = generate_images(
         gen_model, gen_params, tok_model, tok_params, labels,
         mode=FLAGS.mode, seed=FLAGS.seed, num_devices=FLAGS.num_devices, batch_size=FLAGS.batch_size,
