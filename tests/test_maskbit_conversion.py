@@ -281,3 +281,22 @@ def test_lfq_losses_match_reference_and_straight_through():
     np.testing.assert_allclose(out["quantizer_loss"], total, rtol=1e-4, atol=1e-6)
     grad = jax.jit(jax.grad(lambda z: losses(z)["quantizer_loss"]))(jnp.asarray(z))
     assert jnp.isfinite(grad).all() and float(jnp.abs(grad).sum()) > 0
+
+
+def test_convert_cli_from_real_torch_bin(tmp_path):
+    """A torch.save .bin (float16, legacy token_emb names) -> CLI -> load_converted ->
+    the logits of the matching fixture."""
+    data = pathlib.Path(__file__).parent / "data"
+    fx = parity.load_fixture(str(data / "maskbit_bert_prenorm_s1.npz"))
+    cfg = fx.cfg
+    argv = ["--model", "maskbit_generator", "--bits", "5", "--set", "splits=1", "--set", "use_prenorm=true"]
+    for o in _tiny_overrides(cfg):
+        argv += ["--set", o]
+    assert convert_cli.main(argv + [str(data / "maskbit_bert_prenorm_s1.bin"), str(tmp_path / "g")]) == 0
+    model, params = convert_cli.load_converted(str(tmp_path / "g"))
+    assert model.use_prenorm and model.splits == 1
+    with jax.default_matmul_precision("float32"):
+        logits = jax.jit(lambda p, t, y, m: model.apply({"params": p}, t, y, drop_label_mask=m))(
+            params, jnp.asarray(fx.inputs["tokens"], jnp.int32), jnp.asarray(fx.inputs["labels"], jnp.int32),
+            jnp.asarray(fx.inputs["drop_label_mask"]))
+    np.testing.assert_allclose(logits, fx.outputs["logits"], atol=2e-4)
