@@ -315,3 +315,29 @@ def test_tatitok_and_clip_variant_configs_build():
     v = jax.eval_shape(clip.init, jax.random.PRNGKey(0), ids)
     out = jax.eval_shape(clip.apply, v, ids)
     assert out.penultimate.shape == (2, 9, 16) and out.pooled.shape == (2, 1, 8)
+
+
+def test_encode_captions_and_convert_registry(fixtures_dir, tmp_path):
+    from softdimo_jax.conversion.maskgen import convert_clip_text
+    from softdimo_jax.data.clip_bpe import ClipBPETokenizer
+    from softdimo_jax.models.clip_text import clip_text_from_cfg
+    from softdimo_jax.sampling.maskgen_sampler import encode_captions
+
+    fx = parity.load_fixture(str(fixtures_dir / "maskgen_clip_text_a.npz"))
+    model = clip_text_from_cfg(fx.cfg)
+    params = convert_clip_text(fx.sd, model)
+    tok = ClipBPETokenizer(str(fixtures_dir / "bpe_simple_vocab_16e6.txt.gz"))
+    # The fixture's tower has a 100-word vocabulary: fold the real ids into it.
+    small = type("Tok", (), {"tokenize": lambda self, c: tok.tokenize(c) % 100})()
+    cc = encode_captions(model, params, small, ["a red bird", "a cat"])
+    assert cc.condition.shape == (2, 77, 48) and cc.null_condition.shape == (1, 77, 48)
+    assert cc.condition_pooled.shape == (2, 1, 48) and cc.text_guidance.shape == (2, 77, 48)
+
+    convert = pytest.importorskip("softdimo_jax.convert")
+    if "clip_text" not in convert.FAMILIES:
+        pytest.skip("convert registry without the MaskGen families")
+    over = dict(vocab_size=100, width=48, heads=4, layers=3, embed_dim=48, eos_id=99)
+    convert.convert("clip_text", str(fixtures_dir / "maskgen_clip_text_a.npz"), str(tmp_path / "c"), overrides=over)
+    m2, p2 = convert.load_converted(str(tmp_path / "c"))
+    np.testing.assert_array_equal(p2["text_projection"], params["text_projection"])
+    assert m2 == model

@@ -225,3 +225,29 @@ def maskgen_one_step(
     else:
         ids = jax.random.categorical(k_samp, logits / temperature, axis=-1)
     return ids.astype(jnp.int32), logits
+
+
+class CaptionConditions(NamedTuple):
+    condition: Any  # (B, T, W) penultimate OpenCLIP tokens: MaskGen's condition
+    condition_pooled: Any  # (B, 1, E)
+    text_guidance: Any  # (B, T, W) final-LN tokens: TA-TiTok's decoder input
+    null_condition: Any  # (1, T, W) the empty caption's, for CFG
+    null_condition_pooled: Any  # (1, 1, E)
+    null_text_guidance: Any  # (1, T, W)
+
+
+def encode_captions(clip_model, clip_params, tokenizer, captions) -> CaptionConditions:
+    """Captions -> MaskGen / TA-TiTok text inputs, with the empty caption's as the null
+    condition (one forward over captions + [""], as the original's generate())."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    ids = jnp.asarray(tokenizer.tokenize(captions + [""]))
+    out = _clip_forward(clip_model, clip_params, ids)
+    return CaptionConditions(
+        out.penultimate[:-1], out.pooled[:-1], out.text_guidance[:-1],
+        out.penultimate[-1:], out.pooled[-1:], out.text_guidance[-1:],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("clip_model",))
+def _clip_forward(clip_model, clip_params, ids):
+    return clip_model.apply({"params": clip_params}, ids)
