@@ -242,3 +242,41 @@ def test_resume_is_exact(tmp_path, one_device):
     got = _leaves(resumed)
     for k in uninterrupted:
         np.testing.assert_array_equal(got[k], uninterrupted[k], err_msg=k)
+
+
+# ---------------------------------------------------------------- Trainer integration and sampling
+
+
+def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
+    """train_distill through the shared Trainer: checkpoints, and a complete run restores
+    instead of retraining; the one-step sampler reads the EMA weights."""
+    import functools
+
+    # Compile time dominates here: every jit of this test at XLA optimisation level 0.
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    from softdimo_jax.models.soft_embed import expected_bits
+    from softdimo_jax.sampling import student
+    from softdimo_jax.training.distill_stage import train_distill
+
+    m, params = teacher
+    cfg = _config(num_steps=2, ckpt_every=1, log_every=1)
+    mesh = make_mesh(2)
+    res, d = train_distill(cfg, m, params, str(tmp_path / "distill"), mesh)
+    assert res.trained and res.step == 2 and int(res.state.step) == 2
+    assert {"loss", "fkl", "aux_loss"} <= set(res.history[-1])
+    again, _ = train_distill(cfg, m, params, str(tmp_path / "distill"), mesh)
+    assert not again.trained
+    for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(again.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    ema = student.student_params(again.state)
+    assert ema is again.state.ema_params
+    labels = jnp.arange(4) % 3
+    hard = student.sampler_from_config(m, cfg, "hard", mesh)(ema, jax.random.PRNGKey(0), labels)["tokens"]
+    assert hard.shape == (4, L, S) and int(hard.min()) >= 0 and int(hard.max()) < V
+    soft = student.sampler_from_config(m, cfg, "soft", mesh)(ema, jax.random.PRNGKey(0), labels)["bits"]
+    assert soft.shape == (4, L, BITS) and float(jnp.abs(soft).max()) <= 1.0
+    # The soft sample is the expectation of the same logits the hard sample is drawn from.
+    a = distill.LFQBertAdapter.from_module(m, dropout=0.0)
+    z = student.one_step_logits(a, ema, jax.random.split(jax.random.PRNGKey(0))[0], labels)
+    np.testing.assert_allclose(np.asarray(soft), np.asarray(expected_bits(jax.nn.softmax(z))), atol=1e-5)
