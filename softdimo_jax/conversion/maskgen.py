@@ -5,7 +5,8 @@ All converters are strict (every source key used or deliberately skipped, every 
 filled, shapes checked on the PyTorch layout; one `ConversionError` lists every problem).
 Layouts: Linear (out, in) -> kernel (in, out); Conv2d (out, in, kh, kw) -> (kh, kw, in, out);
 torch MultiheadAttention's packed `in_proj_weight` (3d, d) -> one Dense kernel (d, 3d) with
-torch's q, k, v order on the output axis.
+torch's q, k, v order on the output axis. Float32 sources are not copied: the returned
+arrays may be transposed views of the checkpoint's arrays (other dtypes are cast once).
 """
 
 from __future__ import annotations
