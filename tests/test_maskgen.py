@@ -333,6 +333,21 @@ def test_encode_captions_and_convert_registry(fixtures_dir, tmp_path):
     assert cc.condition.shape == (2, 77, 48) and cc.null_condition.shape == (1, 77, 48)
     assert cc.condition_pooled.shape == (2, 1, 48) and cc.text_guidance.shape == (2, 77, 48)
 
+    # The tiny fixtures fit together (48-wide text, 16 tokens of 32 codes): captions -> images.
+    from softdimo_jax.conversion.maskgen import convert_maskgen_vq, convert_tatitok
+    from softdimo_jax.models.maskgen import maskgen_vq_from_cfg
+    from softdimo_jax.models.tatitok import tatitok_from_cfg
+    from softdimo_jax.sampling.maskgen_sampler import one_step_images
+
+    mfx = parity.load_fixture(str(fixtures_dir / "maskgen_vq_a.npz"))
+    tfx = parity.load_fixture(str(fixtures_dir / "tatitok_a.npz"))
+    mg, tt = maskgen_vq_from_cfg(mfx.cfg), tatitok_from_cfg(tfx.cfg)
+    mp, tp = convert_maskgen_vq(mfx.sd, mg), convert_tatitok(tfx.sd, tt)
+    for soft in (False, True):
+        images, ids = one_step_images(mg, mp, tt, tp, cc, jax.random.PRNGKey(0), 6.5, soft=soft)
+        assert images.shape == (2, 32, 32, 3) and ids.shape == (2, 16)
+        assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0 and np.isfinite(images).all()
+
     convert = pytest.importorskip("softdimo_jax.convert")
     if "clip_text" not in convert.FAMILIES:
         pytest.skip("convert registry without the MaskGen families")

@@ -251,3 +251,46 @@ def encode_captions(clip_model, clip_params, tokenizer, captions) -> CaptionCond
 @functools.partial(jax.jit, static_argnames=("clip_model",))
 def _clip_forward(clip_model, clip_params, ids):
     return clip_model.apply({"params": clip_params}, ids)
+
+
+def one_step_images(
+    maskgen: MaskGenVQ,
+    maskgen_params: Any,
+    tatitok,
+    tatitok_params: Any,
+    conditions: CaptionConditions,
+    rng,
+    aesthetic_score=6.5,
+    *,
+    r_init: float = 0.5,
+    sigma: float = 0.3,
+    temperature: float = 1.0,
+    soft: bool = False,
+):
+    """Captions' conditions -> one-step student images, NHWC in [0, 1] (clipped).
+
+    soft=False decodes the sampled token ids; soft=True decodes the decoder-side soft
+    embedding softmax(z / temperature) @ codebook (the Soft-Di[M]O relaxation).
+    Returns (images, ids)."""
+    if tatitok.codebook_size != maskgen.codebook_size or tatitok.num_latent_tokens != maskgen.seq_len:
+        raise ValueError(
+            f"tokenizer ({tatitok.num_latent_tokens} tokens of {tatitok.codebook_size} codes) does not fit "
+            f"the generator ({maskgen.seq_len} tokens of {maskgen.codebook_size} codes)"
+        )
+    ids, logits = maskgen_one_step(
+        maskgen, maskgen_params, conditions.condition, conditions.condition_pooled, rng, aesthetic_score,
+        r_init=r_init, sigma=sigma, temperature=temperature,
+    )
+    probs = jax.nn.softmax(logits / max(temperature, 1e-6), axis=-1) if soft else None
+    images = _decode(tatitok, tatitok_params, ids, probs, conditions.text_guidance)
+    return images, ids
+
+
+@functools.partial(jax.jit, static_argnames=("tatitok",))
+def _decode(tatitok, params, ids, probs, text_guidance):
+    v = {"params": params}
+    if probs is None:
+        images = tatitok.apply(v, ids, text_guidance, method=type(tatitok).decode_tokens)
+    else:
+        images = tatitok.apply(v, probs, text_guidance, method=type(tatitok).decode_soft)
+    return jnp.clip(images, 0.0, 1.0)
