@@ -38,7 +38,7 @@ VIT_SIZES = {
 _LN_EPS = 1e-5
 
 
-def _blocks(module, prefix, width, layers, heads, remat, dtype):
+def _blocks(prefix, width, layers, heads, remat, dtype):
     cls = nn.remat(ResidualAttentionBlock) if remat else ResidualAttentionBlock
     return [cls(width, heads, 4.0, "gelu", False, _LN_EPS, dtype, name=f"{prefix}_{i}") for i in range(layers)]
 
@@ -70,7 +70,7 @@ class TiTokEncoder(nn.Module):
             "latent_token_positional_embedding", init((self.num_latent_tokens, w))
         )
         self.ln_pre = layer_norm("ln_pre", _LN_EPS, self.dtype)
-        self.transformer = _blocks(self, "transformer", w, self.layers, self.heads, self.remat, self.dtype)
+        self.transformer = _blocks("transformer", w, self.layers, self.heads, self.remat, self.dtype)
         self.ln_post = layer_norm("ln_post", _LN_EPS, self.dtype)
         self.conv_out = nn.Dense(self.token_size, dtype=self.dtype, name="conv_out")
 
@@ -125,7 +125,7 @@ class TATiTokDecoder(nn.Module):
             "text_guidance_positional_embedding", init((self.text_context_length, w))
         )
         self.ln_pre = layer_norm("ln_pre", _LN_EPS, self.dtype)
-        self.transformer = _blocks(self, "transformer", w, self.layers, self.heads, self.remat, self.dtype)
+        self.transformer = _blocks("transformer", w, self.layers, self.heads, self.remat, self.dtype)
         self.ln_post = layer_norm("ln_post", _LN_EPS, self.dtype)
         p = self.patch_size
         self.ffn = nn.Dense(p * p * 3, dtype=self.dtype, name="ffn")  # the 1×1 conv
