@@ -323,3 +323,17 @@ def maskgen_vq_from_cfg(cfg: Mapping[str, Any], **overrides) -> MaskGenVQ:
 def embedding_table(params, codebook_size: int):
     """The tied head / input embedding rows of the K codes from a params tree, (K, d)."""
     return params["embeddings"]["embedding"][:codebook_size]
+
+
+def maskgen_vq_from_config(config, **overrides) -> MaskGenVQ:
+    """Builds MaskGenVQ from our own field names (a ConfigDict or dict with codebook_size,
+    seq_len, embed_dim, depth, num_heads, text_embed_dim, micro_condition,
+    micro_condition_embed_dim, condition_num_classes, weight_tying, dtype, remat)."""
+    fields = ("codebook_size", "seq_len", "embed_dim", "depth", "num_heads", "text_embed_dim",
+              "micro_condition", "micro_condition_embed_dim", "condition_num_classes", "weight_tying",
+              "remat")
+    kwargs = {f: _get(config, f) for f in fields if _get(config, f) is not None}
+    if _get(config, "dtype") is not None:
+        kwargs["dtype"] = jnp.dtype(_get(config, "dtype"))
+    kwargs.update(overrides)
+    return MaskGenVQ(**kwargs)
