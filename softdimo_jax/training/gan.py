@@ -1,6 +1,7 @@
 """GAN refinement of the one-step generator through soft embeddings (SPEC §1.3).
 
-Real images are tokenised once by the tokenizer encoder (±1 bits per token). Every step:
+Real images are tokenised once by the tokenizer encoder (`tokenizer_train.encode_dataset`
+on digits; the tfds pipeline at scale) and fed as token ids. Every step:
 - fake = the generator's teacher-side soft bits E[bits] under softmax(z_θ/τ) (or the
   Gumbel straight-through one-hot, the ablation switch `soft.mode`);
 - in real and fake alike a random fraction r ~ U[0, r_max] of positions (an exact count
@@ -58,17 +59,6 @@ def real_bits_from_indices(indices, num_bits: int):
     tokenizer's index bits ARE the teacher's input bits."""
     idx = jnp.asarray(indices, jnp.int32).reshape(indices.shape[0], -1)
     return lfq.indices_to_bits(idx, num_bits, jnp.float32)
-
-
-def encode_real_tokens(tokenizer, tokenizer_params, images, batch_size: int = 256):
-    """Images (N, H, W, C) in [0, 1] (host array) -> (N, h, w) int32 indices, in batches."""
-    import numpy as np
-
-    enc = jax.jit(lambda p, x: tokenizer.apply({"params": p}, x, method=type(tokenizer).encode)["indices"])
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(np.asarray(enc(tokenizer_params, jnp.asarray(images[i : i + batch_size], jnp.float32))))
-    return np.concatenate(out, axis=0)
 
 
 # --------------------------------------------------------------------------- losses
@@ -253,9 +243,12 @@ def _refine_distiller_cls():
 
         def init_from(self, dimo_state):
             """Phase start from a distilled state: θ, ψ and the EMA carried over, fresh
-            optimiser states for this phase's optimisers (their structure may differ)."""
+            optimiser states for this phase's optimisers (their structure may differ), step 0."""
             gen_opt, aux_opt = self._optimizers(dimo_state.gen_params)
+            # step restarts at 0: the EMA warm-up rate min(ema_max, (1+s)/(10+s)) restarts,
+            # so the EMA follows this phase's weights instead of lagging on the last one.
             return dimo_state.replace(
+                step=jnp.zeros_like(dimo_state.step),
                 gen_opt_state=gen_opt.init(dimo_state.gen_params),
                 aux_opt_state=aux_opt.init(dimo_state.aux_params),
             )

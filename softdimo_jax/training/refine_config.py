@@ -26,6 +26,7 @@ def default_gan_config() -> ml_collections.ConfigDict:
     # 'gumbel_st' (the ablation baseline); temperature tau. Overrides config.distill.soft.
     c.soft_mode = "soft"
     c.soft_tau = 1.0
+    c.ablation_soft_mode = "gumbel_st"  # what the gumbel_gan stage uses instead
     # Generator optimiser (AdamW as in Soft-Di[M]O's MaskBit run); the auxiliary keeps
     # config.distill's optimiser settings.
     c.gen_optimizer = "adamw"
@@ -87,4 +88,24 @@ def default_tteo_config() -> ml_collections.ConfigDict:
     c.soft_mode = "soft"
     c.soft_tau = 1.0
     c.output = "hard"  # 'hard' tokens (argmax/sample of the optimised logits) or 'soft' decode
+    c.eval_steps = (2, 4)  # the K values the tteo stage evaluates (rows tteo_k{K}@1)
     return c
+
+
+def add_digits_refine_configs(c: ml_collections.ConfigDict, preset: str = "") -> None:
+    """Adds config.gan / config.reward / config.tteo with the digits sizes (call from
+    configs/digits.py before c.lock()). The digits models are tiny and the phases short,
+    so learning rates are far above the 5e-7 of the ImageNet run; w_gan is scaled by the
+    number of (sub-)token positions (32 here vs 512 for MaskBit 16x16x2), since the
+    Di[M]O loss it balances is summed over positions."""
+    g = default_gan_config()
+    g.update(dict(num_steps=400, batch_size=64, w_gan=12.5, gen_lr=3e-5, gen_warmup_steps=20,
+                  disc_layers=(0, -1), disc_hidden=128, disc_lr=2e-4, log_every=100, ckpt_every=400))
+    r = default_reward_config()
+    r.update(dict(num_steps=300, batch_size=64, w=0.05, gen_lr=1e-5, gen_warmup_steps=20,
+                  log_every=100, ckpt_every=300))
+    t = default_tteo_config()
+    if preset == "smoke":
+        g.update(dict(num_steps=3, batch_size=16, log_every=1, ckpt_every=3, disc_hidden=16))
+        r.update(dict(num_steps=3, batch_size=16, log_every=1, ckpt_every=3))
+    c.gan, c.reward, c.tteo = g, r, t
