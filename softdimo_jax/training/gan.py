@@ -282,17 +282,20 @@ class GanState:
 class GanRefiner:
     """Builds the GAN phase from a distillation adapter and configs.
 
-    step(state, batch, rng, teacher_params) -> (state, metrics) with batch = {"indices":
-    (B, L) real token ids, "labels": (B,)}; fits the Trainer contract through
-    `trainer_step_fn` (frozen = {"teacher": params}).
+    step(state, batch, rng, teacher_params, tokenizer_params=None) -> (state, metrics), with
+    batch = {"indices": (B, L) real token ids, "labels": (B,)} (tokens encoded once, the
+    digits path) or {"image": (B, H, W, C) in [0, 1], "label": (B,)} (encoded in the step
+    by the frozen tokenizer encoder, the ImageNet path; needs `tokenizer`). Fits the
+    Trainer contract through `trainer_step_fn` (frozen = {"teacher"[, "tokenizer"]}).
     """
 
-    def __init__(self, adapter, distill_config, gan_config, mesh=None):
+    def __init__(self, adapter, distill_config, gan_config, mesh=None, tokenizer=None):
         from softdimo_jax.models.discriminator import discriminator_from_config
         from softdimo_jax.models.soft_embed import SoftEmbedder
 
         self.adapter = adapter
         self.config = gan_config
+        self.tokenizer = tokenizer
         self.distiller = make_refine_distiller(adapter, distill_config, gan_config, mesh)
         self.mesh = self.distiller.mesh
         self.embedder = SoftEmbedder(mode=str(gan_config.soft_mode), tau=float(gan_config.soft_tau))
@@ -326,14 +329,26 @@ class GanRefiner:
         stats = {"gan_g_loss": loss}
         return self.config.w_gan * loss, (stats, (jax.tree.map(jax.lax.stop_gradient, feats), r))
 
-    def step(self, state: GanState, batch, rng, teacher_params):
+    def real_batch(self, batch, tokenizer_params):
+        """-> (real bits (B, L, bits) ±1, labels (B,))."""
+        if "indices" in batch:
+            return real_bits_from_indices(batch["indices"], self.num_bits), jnp.asarray(batch["labels"], jnp.int32)
+        if "image" not in batch:
+            raise KeyError(f"GAN batch needs 'indices'+'labels' or 'image'+'label', got {sorted(batch)}")
+        if self.tokenizer is None or tokenizer_params is None:
+            raise ValueError("image batches need the tokenizer: GanRefiner(..., tokenizer=model) and "
+                             "frozen['tokenizer'] = its params")
+        idx = self.tokenizer.apply({"params": tokenizer_params}, batch["image"],
+                                   method=type(self.tokenizer).encode)["indices"]
+        return real_bits_from_indices(jax.lax.stop_gradient(idx), self.num_bits), jnp.asarray(batch["label"], jnp.int32)
+
+    def step(self, state: GanState, batch, rng, teacher_params, tokenizer_params=None):
         k_dimo, k_real = jax.random.split(rng)
         extra = lambda z, labels, k: self._fake_loss(state.disc.params, teacher_params, z, labels, k)
         dimo, metrics, out = self.distiller.run_with_extra(extra, state.dimo, teacher_params, k_dimo)
         (feats_fake, r_fake), labels_fake = out
 
-        real_bits = real_bits_from_indices(batch["indices"], self.num_bits)
-        labels_real = jnp.asarray(batch["labels"], jnp.int32)
+        real_bits, labels_real = self.real_batch(batch, tokenizer_params)
         mask, r_real = random_position_mask(k_real, real_bits.shape[0], self.num_tokens, self.config.r_max)
         feats_real = teacher_features(self.teacher, teacher_params, mask_positions(real_bits, mask), labels_real)
         disc, d_metrics = self._disc_update(state.disc, feats_real, r_real, labels_real,
@@ -344,4 +359,5 @@ class GanRefiner:
 
     def trainer_step_fn(self):
         """`step_fn(state, batch, rng, step, frozen)` for training.trainer.Trainer."""
-        return lambda state, batch, rng, step, frozen: self.step(state, batch, rng, frozen["teacher"])
+        return lambda state, batch, rng, step, frozen: self.step(
+            state, batch, rng, frozen["teacher"], frozen.get("tokenizer"))

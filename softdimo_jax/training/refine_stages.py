@@ -332,3 +332,70 @@ def refine_stages():
     """[(name, fn)] in pipeline order, for softdimo_jax.train.STAGES (after 'distill')."""
     return [("softdimo_gan", softdimo_gan_stage), ("gumbel_gan", gumbel_gan_stage),
             ("reward", reward_stage), ("tteo", tteo_stage)]
+
+
+# --------------------------------------------------------------------------- stand-alone (ImageNet)
+
+
+def run_gan_from_config(config, workdir: str) -> None:
+    """GAN refinement of a distilled MaskBit at scale (configs/maskbit_imagenet256_gan.py).
+
+    Reads the converted teacher/tokenizer (config.teacher_checkpoint /
+    config.tokenizer_checkpoint), the finished distillation state in <workdir>/distill
+    (softdimo_jax.training.distill_stage, same config.distill), and real images from tfds
+    (config.data); writes <workdir>/gan."""
+    from softdimo_jax import parallel
+    from softdimo_jax.data import tfds_images
+    from softdimo_jax.training import checkpointing, distill
+    from softdimo_jax.training.distill_stage import _load_models
+
+    dcfg, gcfg = config.distill, config.gan
+    mesh = parallel.make_mesh(None if dcfg.num_devices in (-1, 0, None) else dcfg.num_devices, dcfg.fsdp)
+    model, teacher_params, (tok_model, tok_params) = _load_models(config)
+    if tok_model is None:
+        raise ValueError("the GAN phase encodes real images: set --config.tokenizer_checkpoint")
+    adapter = distill.make_adapter(model, dcfg)
+    refiner = gan.GanRefiner(adapter, dcfg, gcfg, mesh, tokenizer=tok_model)
+    distiller = distill.Distiller(adapter, dcfg, mesh)
+    dimo_state = checkpointing.load_latest_state(
+        os.path.join(workdir, "distill"), distiller.abstract_state(teacher_params), name="distill")
+    source = tfds_images.TfdsImageSource(config.data.name, config.data.split, config.data.data_dir or None,
+                                         image_size=int(config.data.image_size))
+    init = lambda s, tp: refiner.init_state(jax.random.PRNGKey(int(gcfg.seed)), s, tp)
+    trainer = _StateTrainer.make(
+        init, (dimo_state, teacher_params),
+        name="gan", stage_dir=os.path.join(workdir, "gan"), step_fn=refiner.trainer_step_fn(),
+        batch_fn=tfds_images.make_batch_fn(source, int(gcfg.batch_size), int(gcfg.seed)),
+        num_steps=int(gcfg.num_steps), seed=int(gcfg.seed), mesh=refiner.mesh, fsdp=refiner.distiller.fsdp,
+        frozen={"teacher": teacher_params, "tokenizer": tok_params},
+        checkpoint_every=int(gcfg.ckpt_every), keep=int(dcfg.keep_checkpoints),
+        log_every=int(gcfg.log_every), config_json=_jsonable(config),
+    )
+    trainer.run()
+    trainer.close()
+
+
+def main() -> None:
+    """python -m softdimo_jax.training.refine_stages --config=configs/maskbit_imagenet256_gan.py --workdir=..."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from softdimo_jax.training.distill_stage import maybe_initialize_distributed
+
+    cfg_flag = config_flags.DEFINE_config_file("config", None, "GAN-phase config file", lock_config=True)
+    wd_flag = flags.DEFINE_string("workdir", None, "the distillation workdir (reads distill/, writes gan/)")
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if cfg_flag.value is None or not wd_flag.value:
+            raise app.UsageError("--config and --workdir are required")
+        logging.set_verbosity(logging.WARNING)
+        run_gan_from_config(cfg_flag.value, wd_flag.value)
+
+    maybe_initialize_distributed()
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()
