@@ -40,6 +40,18 @@ def analytic_flops(c, batch: int) -> float:
     return 10.0 * batch * n * (per_token + attn)
 
 
+def rss_now_mb() -> float:
+    """Current resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="S")
@@ -48,6 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.1, help="generator/auxiliary dropout (reference: 0.1)")
+    ap.add_argument("--dropout_rng", choices=["threefry", "rbg", "unsafe_rbg"], default="threefry")
+    ap.add_argument("--xla_option", action="append", default=[],
+                    help="per-step XLA compiler option NAME=VALUE (repeatable), e.g. "
+                         "xla_cpu_enable_concurrency_optimized_scheduler=false")
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--num_devices", type=int, default=-1)
     ap.add_argument("--peak_gflops", type=float, default=150.0,
@@ -71,28 +87,42 @@ def main(argv=None) -> int:
     cfg = default_distill_config()
     cfg.batch_size = batch
     cfg.dropout = args.dropout
+    cfg.dropout_rng = args.dropout_rng
     cfg.compute_dtype = args.dtype
     cfg.remat = args.remat
     cfg.fsdp = args.fsdp
 
+    rss = {"import": rss_now_mb()}
     t0 = time.perf_counter()
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, c["num_tokens"], c["splits"]), jnp.int32),
                                  jnp.zeros((1,), jnp.int32))["params"]
     nparams = sum(x.size for x in jax.tree.leaves(params))
     mesh = make_mesh(None if args.num_devices < 1 else args.num_devices, args.fsdp)
-    d = distill.Distiller(distill.make_adapter(model, cfg), cfg, mesh)
+    opts = {}
+    for item in args.xla_option:
+        k, v = item.split("=", 1)
+        opts[k] = {"true": True, "false": False}.get(v.lower(), v)
+    d = distill.Distiller(distill.make_adapter(model, cfg), cfg, mesh, compiler_options=opts or None)
     teacher = d.place_teacher(params)
     state = d.init_state(teacher)
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
+    rss["init"] = rss_now_mb()
 
     rng = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = d.jit_step(teacher).lower(state, teacher, rng).compile()
     t_compile = time.perf_counter() - t0
+    rss["compile"] = rss_now_mb()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
+    try:
+        mem = compiled.memory_analysis()
+        temp_mb = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+        arg_mb = getattr(mem, "argument_size_in_bytes", 0) / 2**20
+    except Exception:  # optional per backend
+        temp_mb = arg_mb = float("nan")
     xla_flops = float((cost or {}).get("flops", 0.0)) * (1 if args.num_devices == 1 else 1)
     model_flops = analytic_flops(c, batch)
 
@@ -106,23 +136,25 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     med = statistics.median(times)
+    rss["run"] = rss_now_mb()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     devs = jax.devices()
     print(f"config {args.config}: {c}, batch {batch}, {nparams / 1e6:.2f}M params, dtype {args.dtype}, "
-          f"remat {args.remat}, dropout {args.dropout}, devices {len(mesh.devices.flat)}x {devs[0].device_kind}")
+          f"remat {args.remat}, dropout {args.dropout} ({args.dropout_rng}), devices {len(mesh.devices.flat)}x {devs[0].device_kind}")
     print(f"init {t_init:.2f} s, compile {t_compile:.2f} s")
     print(f"iterations: median {med:.4f} s, min {min(times):.4f} s, max {max(times):.4f} s over {iters}")
     # CPU seconds of this process per iteration: robust to other processes on a shared
     # machine (wall time is not); divided by the core count it bounds the unloaded wall time.
     print(f"process CPU time/iteration: median {statistics.median(cpu):.4f} s "
           f"({os.cpu_count()} cores visible)")
-    print(f"peak RSS {rss_mb:.0f} MB")
+    print(f"peak RSS {rss_mb:.0f} MB (current after " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) + " MB)")
     if devs[0].platform != "cpu":
         try:
             stats = devs[0].memory_stats() or {}
             print(f"peak device memory {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
         except Exception:  # memory_stats is optional per backend
             pass
+    print(f"XLA buffers of the step: arguments {arg_mb:.0f} MB, temporaries {temp_mb:.0f} MB")
     print(f"model FLOPs/iteration: analytic {model_flops / 1e9:.1f} GFLOP, XLA cost analysis "
           f"{xla_flops / 1e9:.1f} GFLOP")
     achieved = model_flops / med / 1e9

@@ -59,6 +59,10 @@ class LFQBertAdapter:
 
     teacher: nn.Module
     student: nn.Module
+    # PRNG of the dropout masks: 'threefry' (default; identical on any mesh) or 'rbg' /
+    # 'unsafe_rbg' (XLA's RngBitGenerator: about half the CPU cost per mask, but the masks
+    # may depend on the sharding and the XLA version).
+    dropout_rng: str = "threefry"
 
     # Logical frozen groups -> parameter paths of this architecture.
     frozen_groups = {
@@ -69,7 +73,7 @@ class LFQBertAdapter:
 
     @classmethod
     def from_module(cls, module: nn.Module, *, dropout: float | None = None, dtype=None,
-                    remat: bool | None = None) -> "LFQBertAdapter":
+                    remat: bool | None = None, dropout_rng: str = "threefry") -> "LFQBertAdapter":
         dtype = module.dtype if dtype is None else jnp.dtype(dtype)
         teacher = module.clone(dtype=dtype, remat=False)
         student = module.clone(
@@ -77,7 +81,9 @@ class LFQBertAdapter:
             dropout=module.dropout if dropout is None else float(dropout),
             remat=module.remat if remat is None else bool(remat),
         )
-        return cls(teacher=teacher, student=student)
+        if dropout_rng not in ("threefry", "rbg", "unsafe_rbg"):
+            raise ValueError(f"dropout_rng must be 'threefry', 'rbg' or 'unsafe_rbg', got {dropout_rng!r}")
+        return cls(teacher=teacher, student=student, dropout_rng=dropout_rng)
 
     # Shapes.
     @property
@@ -113,6 +119,8 @@ class LFQBertAdapter:
     def student_logits(self, params, labels, *, tokens=None, embeddings=None, rng=None):
         """Generator / auxiliary forward; dropout active when rng is given."""
         train = rng is not None and self.student_dropout > 0
+        if train and self.dropout_rng != "threefry":
+            rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=self.dropout_rng)
         return self.student.apply(
             {"params": params}, tokens, labels, input_embeddings=embeddings,
             deterministic=not train, rngs={"dropout": rng} if train else None,
@@ -130,7 +138,8 @@ def make_adapter(module: nn.Module, config) -> LFQBertAdapter:
 
     if isinstance(module, LFQBert):
         return LFQBertAdapter.from_module(
-            module, dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat
+            module, dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat,
+            dropout_rng=config.get("dropout_rng", "threefry"),
         )
     raise NotImplementedError(
         f"no distillation adapter for {type(module).__name__}; add one next to LFQBertAdapter"

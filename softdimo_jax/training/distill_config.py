@@ -53,6 +53,9 @@ def default_distill_config() -> ml_collections.ConfigDict:
     # Dropout rate inside generator and auxiliary (the reference leaves 0.1 active in all
     # three networks; our teacher always runs deterministically).
     c.dropout = 0.1
+    # PRNG of those dropout masks: 'threefry' (same masks on any mesh) or 'rbg' (XLA's
+    # RngBitGenerator: cheaper, masks may depend on sharding / XLA version).
+    c.dropout_rng = "threefry"
 
     # 8. EMA of the generator: rate = min(ema_max, (1 + step) / (10 + step)).
     c.ema_max = 0.9999
