@@ -48,6 +48,15 @@ def test_reward_registry_and_digits_logprob():
                                    classifier_params=cp)
     t2, _ = two.total(two.params, images, labels)
     np.testing.assert_allclose(t2, 0.5 * want + 2.0 * images.mean((1, 2, 3)), rtol=1e-5, atol=1e-6)
+    # Per-reward options: a tempered log-probability.
+    tempered = rewards.build_reward_set(
+        {"digits_classifier_logprob": {"weight": 2.0, "temperature": 4.0}},
+        classifier_apply=lambda p, x: clf.apply({"params": p}, x), classifier_params=cp)
+    t3, _ = tempered.total(tempered.params, images, labels)
+    want_t = jax.nn.log_softmax(clf.apply({"params": cp}, images) / 4.0)[jnp.arange(4), labels]
+    np.testing.assert_allclose(t3, 2.0 * want_t, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        rewards.build_reward_set({"brightness": {"temperature": 2.0}})
     bad = rewards.RewardSet((rewards.Reward("bad", lambda p, x, c: x.mean(), {}),), (1.0,))
     with pytest.raises(ValueError, match="one\nscalar per image|one scalar per image"):
         bad.total(bad.params, images, labels)

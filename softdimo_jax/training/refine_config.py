@@ -61,8 +61,11 @@ def default_reward_config() -> ml_collections.ConfigDict:
     # L = w_dimo * L_DiMO - w * sum_i lambda_i R_i(Dec(soft bits), c)
     c.w = 1.0
     c.w_dimo = 1.0
-    # {registered reward name: lambda}. Built-in: 'digits_classifier_logprob'.
+    # {registered reward name: lambda} or {name: {"weight": lambda, **factory options}}.
+    # Built-in: 'digits_classifier_logprob' (option: temperature).
     c.rewards = ml_collections.ConfigDict({"digits_classifier_logprob": 1.0})
+    # The reward reported in every metrics row (`reward` field), whatever is trained on.
+    c.eval_rewards = ml_collections.ConfigDict({"digits_classifier_logprob": 1.0})
     c.soft_mode = "soft"
     c.soft_tau = 1.0
     c.gen_optimizer = "adamw"
@@ -101,10 +104,15 @@ def add_digits_refine_configs(c: ml_collections.ConfigDict, preset: str = "") ->
     g = default_gan_config()
     g.update(dict(num_steps=400, batch_size=64, w_gan=12.5, gen_lr=3e-5, gen_warmup_steps=20,
                   disc_layers=(0, -1), disc_hidden=128, disc_lr=2e-4, log_every=100, ckpt_every=400))
+    # The classifier is near-certain on the student's samples (log p ~ -1e-3), where the
+    # plain log-probability has almost no gradient: train on a tempered one (T = 5).
+    tempered = {"digits_classifier_logprob": {"weight": 1.0, "temperature": 5.0}}
     r = default_reward_config()
-    r.update(dict(num_steps=300, batch_size=64, w=0.05, gen_lr=1e-5, gen_warmup_steps=20,
+    r.update(dict(num_steps=300, batch_size=64, w=0.5, gen_lr=1e-5, gen_warmup_steps=20,
                   log_every=100, ckpt_every=300))
+    r.rewards = ml_collections.ConfigDict(tempered)
     t = default_tteo_config()
+    t.rewards = ml_collections.ConfigDict(tempered)
     if preset == "smoke":
         g.update(dict(num_steps=3, batch_size=16, log_every=1, ckpt_every=3, disc_hidden=16))
         r.update(dict(num_steps=3, batch_size=16, log_every=1, ckpt_every=3))

@@ -186,7 +186,7 @@ def _gan_stage(config, workdir, ctx, name, soft_mode):
     fp = dict(_fingerprint(config, "seed", "distill", "gan", "reward", "evaluation"), soft_mode=soft_mode)
     rows = _load_rows(stage_dir, fp)
     if rows is None:
-        rset = reward_set_from(config.reward.rewards, ctx)
+        rset = reward_set_from(config.reward.eval_rewards, ctx)
         images = _student_images(config, ctx, params, refiner.mesh)
         row = evaluate_row(ctx, rset, images, _eval_labels(config, ctx))
         _grid_and_rows(config, stage_dir, f"{name}@1", images, row)
@@ -241,7 +241,7 @@ def reward_stage(config, workdir: str, ctx: dict) -> None:
     rows = _load_rows(stage_dir, fp)
     if rows is None:
         images = _student_images(config, ctx, params, refiner.mesh)
-        row = evaluate_row(ctx, rset, images, _eval_labels(config, ctx))
+        row = evaluate_row(ctx, reward_set_from(config.reward.eval_rewards, ctx), images, _eval_labels(config, ctx))
         _grid_and_rows(config, stage_dir, "reward@1", images, row)
         rows = {"reward@1": row}
         _save_rows(stage_dir, fp, rows)
@@ -261,7 +261,7 @@ def tteo_rows(config, ctx, steps_list, stage_dir) -> dict:
     model = ctx["teacher"]["model"]
     tok = ctx["tokenizer"]
     rset = reward_set_from(config.tteo.rewards, ctx)
-    eval_rset = reward_set_from(config.reward.rewards, ctx)
+    eval_rset = reward_set_from(config.reward.eval_rewards, ctx)
     labels = _eval_labels(config, ctx)
     mesh = ctx["mesh"]
     bs = int(config.evaluation.batch_size)

@@ -102,13 +102,24 @@ class RewardSet:
         return total, parts
 
 
-def build_reward_set(spec: Mapping[str, float] | Any, **resources) -> RewardSet:
-    """`spec`: {name: weight} (a dict or ConfigDict) or a sequence of (name, weight)."""
+def build_reward_set(spec: Mapping[str, Any] | Any, **resources) -> RewardSet:
+    """`spec`: {name: weight} (a dict or ConfigDict) or a sequence of (name, weight); a
+    value may also be {"weight": w, **options}, the options going to that reward's factory
+    (e.g. {"digits_classifier_logprob": {"weight": 1.0, "temperature": 5.0}})."""
     items = list(spec.items()) if hasattr(spec, "items") else [tuple(x) for x in spec]
     if not items:
         raise ValueError("no rewards configured: give at least one {name: weight}")
-    rewards = tuple(build_reward(name, **resources) for name, _ in items)
-    return RewardSet(rewards, tuple(float(w) for _, w in items))
+    rewards, weights = [], []
+    for name, value in items:
+        options = {}
+        if hasattr(value, "items"):
+            options = dict(value.items())
+            if "weight" not in options:
+                raise ValueError(f"reward {name!r}: options {sorted(options)} need a 'weight'")
+            value = options.pop("weight")
+        rewards.append(build_reward(name, **{**resources, **options}))
+        weights.append(float(value))
+    return RewardSet(tuple(rewards), tuple(weights))
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -123,16 +134,22 @@ def _resize_to(images, size):
 
 @register_reward("digits_classifier_logprob")
 def digits_classifier_logprob(*, classifier_apply=None, classifier_params=None,
-                              classifier_input_size=None, **_unused) -> Reward:
+                              classifier_input_size=None, temperature: float = 1.0, **_unused) -> Reward:
     """log p(c | image) under the digits evaluation classifier: our stand-in for a CLIP
     score on the embedded default. `classifier_apply(params, images) -> logits (B, classes)`
-    takes NHWC [0, 1] images; `classifier_input_size` (h, w) resizes first if set."""
+    takes NHWC [0, 1] images; `classifier_input_size` (h, w) resizes first if set.
+    `temperature` > 1 scores log softmax(logits / T)[c]: the classifier is near-certain on
+    most samples, where log p saturates at 0 and its gradient vanishes; a tempered score
+    keeps a useful gradient (T = 1 is the evaluation reward)."""
+    if temperature <= 0:
+        raise ValueError(f"digits_classifier_logprob temperature must be > 0, got {temperature}")
     if classifier_apply is None or classifier_params is None:
         raise ValueError("digits_classifier_logprob needs classifier_apply and classifier_params "
                          "(the digits evaluation classifier; see evaluation/digits_classifier.py)")
 
     def apply(params, images, labels):
         logits = classifier_apply(params, _resize_to(images, classifier_input_size)).astype(jnp.float32)
+        logits = logits / temperature
         logp = jax.nn.log_softmax(logits, axis=-1)
         labels = jnp.asarray(labels, jnp.int32)
         return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
