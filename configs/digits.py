@@ -7,8 +7,8 @@
 Sizes chosen so every stage runs in minutes on 2 CPU cores:
 - images 16×16×1 (digits' 8×8 upsampled bilinearly), values in [0, 1];
 - tokenizer: MaskBit's ConvVQModel with hidden 32, channel_mult (1, 1, 1) -> two stride-2
-  stages -> 4×4 = 16 tokens of 8 bits (256 codes) in 2 splits of 4 bits (V = 16 per split);
-- teacher: LFQBert hidden 128, depth 2, heads 4, MLP 512 over 16 tokens + class token;
+  stages -> 4×4 = 16 tokens of 12 bits (4096 codes) in 2 splits of 6 bits (V = 64 per split);
+- teacher: LFQBert hidden 128, depth 3, heads 4, MLP 512 over 16 tokens + class token;
 - evaluation: a small CNN classifier; FD-digits on its 64-d penultimate features.
 The same field names as `configs/maskbit.py` (ImageNet) for the model sub-configs.
 """
@@ -30,7 +30,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.model = dict(
-        num_bits=8,
+        num_bits=12,
         hidden_channels=32,  # GroupNorm(32) needs multiples of 32
         channel_mult=(1, 1, 1),
         num_res_blocks=1,
@@ -39,7 +39,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         dtype="float32",
     )
     c.tokenizer.train = dict(
-        num_steps=600,
+        num_steps=1200,
         batch_size=32,
         learning_rate=2e-3,
         warmup_steps=100,
@@ -59,7 +59,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.teacher.model = dict(
         splits=2,
         hidden_dim=128,
-        depth=2,
+        depth=3,
         heads=4,
         mlp_dim=512,
         num_classes=10,
@@ -69,7 +69,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         remat=False,
     )
     c.teacher.train = dict(
-        num_steps=2000,
+        num_steps=2500,
         batch_size=64,
         learning_rate=1e-3,
         warmup_steps=200,
@@ -89,7 +89,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         guidance_scale=1.0,
         guidance_annealing="cosine",
         scale_pow=3.0,
-        randomize_temperature=2.0,
+        randomize_temperature=4.0,
         softmax_temperature=1.0,
         use_sampling_annealing=False,
         mask_schedule="arccos",

@@ -20,12 +20,32 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits.py"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG),
-    "ml_collections config file (default: configs/digits.py); append ':smoke' for the tiny preset",
-    lock_config=True,
-)
+_CONFIG = None
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json")
+
+
+def _clean_message(e: BaseException) -> str:
+    msg = str(e.args[0]) if e.args else str(e)
+    return " ".join(msg.replace("\\n", " ").replace("\\", "").replace("'", "").split())
+
+
+def define_config_flag():
+    """Defines --config. ml_collections applies `--config.a.b=v` overrides while the flag is
+    defined, and a locked config rejects unknown keys there: turn that into a short error."""
+    global _CONFIG
+    try:
+        _CONFIG = config_flags.DEFINE_config_file(
+            "config", str(DEFAULT_CONFIG),
+            "ml_collections config file (default: configs/digits.py); append ':smoke' for the "
+            "tiny preset",
+            lock_config=True,
+        )
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+        sys.exit(
+            f"error: bad config override {' '.join(overrides)}: {_clean_message(e)}\n"
+            "  (keys are locked; see the config file for the valid ones)"
+        )
 
 
 def main(argv) -> int:
@@ -51,6 +71,7 @@ def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in sys.argv):
         sys.exit(f"error: the default config {DEFAULT_CONFIG} is missing; pass --config=PATH")
+    define_config_flag()
     app.run(main)
 
 

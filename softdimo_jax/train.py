@@ -177,12 +177,12 @@ def sample_teacher(config, ctx: dict, num: int, num_steps: int, seed: int, batch
         )
     sampler = teacher[key]
     batch_size = int(batch_size or config.evaluation.batch_size)
-    labels = _class_ordered_labels(num)
     out = []
     for i in range(0, num, batch_size):
-        lab = labels[i : i + batch_size]
+        # Always a full batch (one compiled shape); the labels continue the class cycle.
+        lab = _class_ordered_labels(i + batch_size)[i:]
         sub = sampler(teacher["params"], jax.random.fold_in(jax.random.PRNGKey(seed), i), lab)
-        out.append(ctx["decode"](np.asarray(sub)))
+        out.append(ctx["decode"](np.asarray(sub)[: num - i]))
     return np.concatenate(out)
 
 

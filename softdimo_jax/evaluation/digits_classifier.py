@@ -13,6 +13,7 @@ shifts as augmentation (so slightly off-centre generated digits are still recogn
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -124,22 +125,23 @@ def train_classifier(cfg, images, labels, stage_dir: str | None, mesh=None, seed
     return model, result.state["params"], result
 
 
+@functools.lru_cache(maxsize=8)
+def _features_fn(model: DigitsClassifier):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
+
+
 def predict(model: DigitsClassifier, params, images, batch_size: int = 512):
-    """(logits, features) as numpy, computed in fixed-size jitted batches."""
-    return _apply_in_batches(model, params, np.asarray(images, np.float32), batch_size)
-
-
-def _apply_in_batches(model, params, images, batch_size):
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, return_features=True))
-    logits, feats = [], []
+    """(logits, features) as numpy, computed in fixed-size jitted batches (one compile)."""
+    fn = _features_fn(model)
+    images = np.asarray(images, np.float32)
     n = len(images)
+    logits, feats = [], []
     for i in range(0, n, batch_size):
         chunk = images[i : i + batch_size]
-        short = batch_size - len(chunk)
-        if short and n > batch_size:  # pad the tail so one compiled shape serves every batch
-            chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), chunk.dtype)])
+        keep = len(chunk)
+        if keep < batch_size:  # pad the tail so one compiled shape serves every batch
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - keep, 0)])
         lg, ft = fn(params, chunk)
-        keep = len(images[i : i + batch_size])
         logits.append(np.asarray(lg)[:keep])
         feats.append(np.asarray(ft)[:keep])
     return np.concatenate(logits), np.concatenate(feats)

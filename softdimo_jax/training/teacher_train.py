@@ -120,3 +120,55 @@ def train_teacher(model: LFQBert, train_cfg, batch_fn, stage_dir, *, tokenizer=N
     )
     result = trainer.run()
     return result.state, result
+
+
+def train_teacher_on_images(config, workdir: str):
+    """Full-scale entry: teacher training on a tfds image dataset with a frozen converted
+    tokenizer (configs/maskbit_imagenet256_teacher.py). Returns the final Trainer state."""
+    import os
+
+    from softdimo_jax import parallel
+    from softdimo_jax.convert import load_converted
+    from softdimo_jax.data import tfds_images
+
+    if not config.tokenizer_checkpoint:
+        raise ValueError("set --config.tokenizer_checkpoint to a `softdimo_jax.convert` tokenizer directory")
+    tokenizer, tok_params = load_converted(config.tokenizer_checkpoint)
+    size = int(config.data.image_size)
+    grid = size // tokenizer.downsample_factor
+    model = teacher_from_config(config.teacher.model, grid * grid, tokenizer.num_bits)
+    source = tfds_images.TfdsImageSource(config.data.name, config.data.split,
+                                         config.data.data_dir or None, image_size=size)
+    batch_fn = tfds_images.make_batch_fn(source, int(config.teacher.train.batch_size), config.seed)
+    mesh = parallel.make_mesh(config.mesh.num_devices or None, fsdp=config.mesh.fsdp)
+    state, _ = train_teacher(
+        model, config.teacher.train, batch_fn, os.path.join(workdir, "teacher"), tokenizer=tokenizer,
+        frozen={"tokenizer": tok_params}, mesh=mesh, fsdp=config.mesh.fsdp > 1, seed=config.seed,
+        keep=config.checkpoint.keep, config_json=_config_json(config),
+    )
+    return state
+
+
+def _config_json(config):
+    from softdimo_jax.training.checkpointing import to_jsonable
+
+    return to_jsonable({k: config[k] for k in ("data", "tokenizer", "teacher")})
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "teacher training config", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "checkpoint / summary directory")
+
+    def _run(_):
+        if not workdir.value or config.value is None:
+            raise app.UsageError("--config and --workdir are required")
+        train_teacher_on_images(config.value, workdir.value)
+
+    app.run(_run, argv)
+
+
+if __name__ == "__main__":
+    main()

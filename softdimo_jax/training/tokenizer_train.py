@@ -10,6 +10,7 @@ MaskBit adds perceptual + GAN terms, which are out of scope here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -72,22 +73,40 @@ def train_tokenizer(model_cfg, train_cfg, batch_fn, image_shape, stage_dir, *, m
     return model, result.state["params"], result
 
 
+@functools.lru_cache(maxsize=16)
+def _encode_fn(model: ConvVQModel):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)["indices"])
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_fn(model: ConvVQModel):
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.decode_tokens))
+
+
+def in_fixed_batches(fn, x, batch_size: int):
+    """fn over x in batches of exactly `batch_size` rows (the tail is padded, then cut), so
+    one compiled shape serves every call."""
+    x = np.asarray(x)
+    n = len(x)
+    out = []
+    for i in range(0, n, batch_size):
+        chunk = x[i : i + batch_size]
+        keep = len(chunk)
+        if keep < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - keep, 0)])
+        out.append(np.asarray(fn(chunk))[:keep])
+    return np.concatenate(out)
+
+
 def encode_dataset(model: ConvVQModel, params, images, batch_size: int = 256) -> np.ndarray:
     """(N, H, W, C) images -> (N, h·w) int32 token ids (row-major), in jitted batches."""
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)["indices"])
-    out = []
-    for i in range(0, len(images), batch_size):
-        idx = np.asarray(fn(params, np.asarray(images[i : i + batch_size], np.float32)))
-        out.append(idx.reshape(idx.shape[0], -1))
-    return np.concatenate(out).astype(np.int32)
+    fn = _encode_fn(model)
+    ids = in_fixed_batches(lambda x: fn(params, x.astype(np.float32)), images, batch_size)
+    return ids.reshape(len(ids), -1).astype(np.int32)
 
 
 def decode_tokens(model: ConvVQModel, params, tokens, grid: int, batch_size: int = 500) -> np.ndarray:
     """(N, L) token ids -> (N, H, W, C) images clipped to [0, 1]."""
-    fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.decode_tokens))
-    out = []
-    tokens = np.asarray(tokens, np.int32)
-    for i in range(0, len(tokens), batch_size):
-        t = tokens[i : i + batch_size].reshape(-1, grid, grid)
-        out.append(np.clip(np.asarray(fn(params, t)), 0.0, 1.0))
-    return np.concatenate(out)
+    fn = _decode_fn(model)
+    tokens = np.asarray(tokens, np.int32).reshape(-1, grid, grid)
+    return np.clip(in_fixed_batches(lambda t: fn(params, t), tokens, batch_size), 0.0, 1.0)

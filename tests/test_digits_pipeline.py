@@ -1,0 +1,84 @@
+"""The main command end to end on the smoke preset: every stage runs, writes its grid,
+TensorBoard summaries and metrics.json; a rerun restores everything from the caches; a
+checkpoint from another config and a bad config key give clear errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs.digits import get_config
+from softdimo_jax import train
+from softdimo_jax.training.checkpointing import CheckpointMismatchError
+
+ROW_KEYS = {"fd_digits", "accuracy", "precision", "recall"}
+
+
+def smoke_config():
+    cfg = get_config("smoke")
+    # One device keeps compile time down; the 8-device step is tested in test_trainer.py.
+    cfg.mesh.num_devices = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    metrics = train.train_and_evaluate(smoke_config(), workdir)
+    return workdir, metrics
+
+
+def test_smoke_pipeline_writes_everything(smoke_run):
+    workdir, metrics = smoke_run
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        saved = json.load(f)
+    assert set(saved["rows"]) == {"teacher@1", "teacher@2"}
+    for row in saved["rows"].values():
+        assert ROW_KEYS <= set(row) and 0 <= row["accuracy"] <= 1
+    assert saved["floor"]["fd_digits"] >= 0
+    assert [s.name for s in train.STAGES][:2] == ["tokenizer", "teacher"]
+    for png in ("tokenizer/reconstructions.png", "teacher/samples_2steps.png",
+                "classifier/test_images.png", "evaluate_teacher/teacher@1.png"):
+        assert os.path.getsize(os.path.join(workdir, png)) > 0, png
+    for stage in ("tokenizer", "teacher", "classifier", "evaluate_teacher"):
+        assert glob.glob(os.path.join(workdir, stage, "tb", "events.out.tfevents.*")), stage
+    for stage in ("tokenizer", "teacher", "classifier"):
+        assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", "4")), stage
+
+
+def test_rerun_restores_every_stage(smoke_run, capsys):
+    workdir, first = smoke_run
+    again = train.train_and_evaluate(smoke_config(), workdir)
+    err = capsys.readouterr().err
+    for stage in ("tokenizer", "teacher", "classifier"):
+        assert f"[{stage}] complete at step 4" in err
+    assert "[evaluate_teacher] cached rows" in err
+    assert again["rows"] == first["rows"]
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(smoke_run):
+    workdir, _ = smoke_run
+    cfg = smoke_config()
+    cfg.teacher.model.hidden_dim = 48
+    with pytest.raises(CheckpointMismatchError, match=f"Delete the stage directory {workdir}/teacher"):
+        train.train_and_evaluate(cfg, workdir)
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "softdimo_jax.main", f"--workdir={tmp_path}",
+         "--config.teacher.train.learning_rat=1"],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode != 0
+    assert "bad config override --config.teacher.train.learning_rat" in proc.stderr
+    assert 'Did you mean "learning_rate"' in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown digits preset"):
+        get_config("huge")
