@@ -108,7 +108,7 @@ def add_digits_refine_configs(c: ml_collections.ConfigDict, preset: str = "") ->
     # plain log-probability has almost no gradient: train on a tempered one (T = 5).
     tempered = {"digits_classifier_logprob": {"weight": 1.0, "temperature": 5.0}}
     r = default_reward_config()
-    r.update(dict(num_steps=300, batch_size=64, w=0.5, gen_lr=1e-5, gen_warmup_steps=20,
+    r.update(dict(num_steps=300, batch_size=64, w=5.0, gen_lr=1e-5, gen_warmup_steps=20,
                   log_every=100, ckpt_every=300))
     r.rewards = ml_collections.ConfigDict(tempered)
     t = default_tteo_config()
