@@ -132,15 +132,20 @@ class LFQBertAdapter:
         )
 
 
-def make_adapter(module: nn.Module, config) -> LFQBertAdapter:
-    """The adapter for `module` under `config` (a distill ConfigDict)."""
+def make_adapter(module: nn.Module, config, **kwargs):
+    """The adapter for `module` under `config` (a distill ConfigDict). kwargs go to the
+    MaskGIT / MaskGen adapters (softdimo_jax.training.adapters; MaskGen: null condition)."""
     from softdimo_jax.models.maskbit_bert import LFQBert
+    from softdimo_jax.training.adapters import make_family_adapter
 
     if isinstance(module, LFQBert):
         return LFQBertAdapter.from_module(
             module, dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat,
             dropout_rng=config.get("dropout_rng", "threefry"),
         )
+    adapter = make_family_adapter(module, config, **kwargs)
+    if adapter is not None:
+        return adapter
     raise NotImplementedError(
         f"no distillation adapter for {type(module).__name__}; add one next to LFQBertAdapter"
     )
@@ -185,11 +190,17 @@ def forward_mask(rng, batch: int, length: int, splits: int, schedule: str, mode:
     return exact_count_mask(k_pos, counts, batch, length, splits, mode)
 
 
-def initial_tokens(rng, batch: int, adapter, r_init: float, mode: str = "position"):
-    """Labels (B,) and initial tokens (B, L, S): uniform over V, round(r_init·L) MASKed."""
+def initial_tokens(rng, batch: int, adapter, r_init: float, mode: str = "position", conditions=None):
+    """Labels (B,) and initial tokens (B, L, S): uniform over V, round(r_init·L) MASKed.
+
+    Adapters with `draw_labels(rng, batch, conditions)` (text conditions) draw their own
+    labels, any pytree with a leading batch axis, from the step's `conditions` batch."""
     k_y, k_x, k_m = jax.random.split(rng, 3)
     length, splits = adapter.num_tokens, adapter.splits
-    labels = jax.random.randint(k_y, (batch,), 0, adapter.num_classes)
+    if hasattr(adapter, "draw_labels"):
+        labels = adapter.draw_labels(k_y, batch, conditions)
+    else:
+        labels = jax.random.randint(k_y, (batch,), 0, adapter.num_classes)
     tokens = jax.random.randint(k_x, (batch, length, splits), 0, adapter.vocab_size)
     k0 = int(round(r_init * length))
     mask = exact_count_mask(k_m, jnp.full((batch,), k0, jnp.int32), batch, length, splits, mode)
@@ -219,7 +230,7 @@ def teacher_cfg_logits(adapter, teacher_params, tokens, labels, scale: float, fo
     both = adapter.teacher_logits(
         teacher_params,
         jnp.concatenate([tokens, tokens]),
-        jnp.concatenate([labels, labels]),
+        jax.tree.map(lambda l: jnp.concatenate([l, l]), labels),
         drop_label_mask=jnp.arange(2 * b) >= b,
     )
     return cfg_combine(both[:b], both[b:], scale, formula)
@@ -431,12 +442,12 @@ class Distiller:
     def _constrain(self, x):
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(self.mesh, x.ndim))
 
-    def generator_inputs(self, params, rng, batch: int):
+    def generator_inputs(self, params, rng, batch: int, conditions=None):
         """Labels, initial tokens and Gaussian noise of the one-step generator's input."""
         cfg, a = self.config, self.adapter
         k_tok, k_eps = jax.random.split(rng)
-        labels, tokens = initial_tokens(k_tok, batch, a, cfg.r_init, cfg.init_mask_mode)
-        labels, tokens = self._constrain(labels), self._constrain(tokens)
+        labels, tokens = initial_tokens(k_tok, batch, a, cfg.r_init, cfg.init_mask_mode, conditions)
+        labels, tokens = jax.tree.map(self._constrain, labels), self._constrain(tokens)
         return labels, tokens, k_eps
 
     def generator_logits(self, params, labels, tokens, k_eps, dropout_rng=None):
@@ -454,12 +465,12 @@ class Distiller:
         m = self._constrain(m)
         return m, jnp.where(m, self.adapter.mask_token, tokens)
 
-    def generator_cotangent(self, state, teacher_params, rng):
+    def generator_cotangent(self, state, teacher_params, rng, conditions=None):
         """Steps 1-5 plus the vjp: returns (grads, cotangent g/B, logits z_θ, stats)."""
         cfg, a = self.config, self.adapter
         b = int(cfg.batch_size)
         k_in, k_drop, k_sample, k_mask, k_aux = jax.random.split(rng, 5)
-        labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b)
+        labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b, conditions)
         z_gen, vjp = jax.vjp(
             lambda p: self.generator_logits(p, labels, tokens, k_eps, k_drop), state.gen_params)
         x_gen = self._sample(k_sample, jax.lax.stop_gradient(z_gen))
@@ -476,7 +487,7 @@ class Distiller:
                  "gen_logit_absmean": jnp.mean(jnp.abs(z_gen.astype(jnp.float32)))}
         return grads, cot, z_gen, stats
 
-    def _step_fn(self, state: DistillState, teacher_params, rng):
+    def _step_fn(self, state: DistillState, teacher_params, rng, conditions=None):
         cfg, a = self.config, self.adapter
         b = int(cfg.batch_size)
         gen_opt, aux_opt = self._optimizers(state.gen_params)
@@ -484,12 +495,12 @@ class Distiller:
         k_gen, k_in2, k_drop2, k_sample2, k_mask2, k_aux2 = jax.random.split(rng, 6)
 
         # Generator update.
-        grads, _, _, stats = self.generator_cotangent(state, teacher_params, k_gen)
+        grads, _, _, stats = self.generator_cotangent(state, teacher_params, k_gen, conditions)
         updates, gen_opt_state = gen_opt.update(grads, state.gen_opt_state, state.gen_params)
         gen_params = optax.apply_updates(state.gen_params, updates)
 
         # Auxiliary update on a fresh sample of the updated generator (no gradient into θ).
-        labels2, tokens2, k_eps2 = self.generator_inputs(gen_params, k_in2, b)
+        labels2, tokens2, k_eps2 = self.generator_inputs(gen_params, k_in2, b, conditions)
         z2 = jax.lax.stop_gradient(self.generator_logits(gen_params, labels2, tokens2, k_eps2, k_drop2))
         x2 = self._sample(k_sample2, z2)
         mask2, x2_t = self._mask(k_mask2, x2)
@@ -530,12 +541,16 @@ class Distiller:
             rep = parallel.replicated(self.mesh)
             self._step = jax.jit(
                 self._step_fn,
-                in_shardings=(self.state_shardings(teacher_params), self.teacher_shardings(teacher_params), rep),
+                # conditions (text-conditioned adapters): rows split over the batch axes.
+                in_shardings=(self.state_shardings(teacher_params), self.teacher_shardings(teacher_params), rep,
+                              parallel.batch_sharding(self.mesh, 1)),
                 out_shardings=(self.state_shardings(teacher_params), rep),
                 donate_argnums=(0,),
                 compiler_options=self.compiler_options,
             )
         return self._step
 
-    def step(self, state, teacher_params, rng):
-        return self.jit_step(teacher_params)(state, teacher_params, rng)
+    def step(self, state, teacher_params, rng, conditions=None):
+        """`conditions`: the per-step conditions batch of text-conditioned adapters (None
+        for class labels, which the step draws itself)."""
+        return self.jit_step(teacher_params)(state, teacher_params, rng, conditions)

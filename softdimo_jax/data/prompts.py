@@ -1,0 +1,134 @@
+"""Prompt files for text-to-image distillation: captions -> a table of MaskGen conditions.
+
+A prompt file holds one caption per line (UTF-8; blank lines skipped; local or gs:// path).
+Each host keeps its share of the captions (line i goes to host i mod process_count), encodes
+them ONCE with the OpenCLIP text tower into a table of MaskGen conditions (penultimate
+tokens (N, T, W) and pooled (N, 1, E)), and feeds the distillation step its own rows of
+every global batch (`PromptConditions.batch_fn`), drawn uniformly from its table by a numpy
+rng seeded with (seed, step, process index): a pure function of the step, so a resumed run
+sees the same captions. The null condition for CFG is the encoding of `null_prompt` (the
+empty caption, MaskGen's unconditional input, or a negative prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def read_prompts(path: str) -> list[str]:
+    """Captions of a prompt file, one per non-blank line (surrounding whitespace stripped)."""
+    if not path:
+        raise ValueError("no prompt file given: set the config's prompt_file to a text file with one caption per line")
+    if path.startswith("gs://"):
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"prompt file not found: {path!r}")
+        with tf.io.gfile.GFile(path, "r") as f:
+            text = f.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file not found: {path!r} (one caption per line)") from None
+    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise ValueError(f"prompt file {path!r} holds no captions (only blank lines); put one caption per line")
+    return captions
+
+
+def shard_prompts(captions: Sequence[str], index: int | None = None, count: int | None = None) -> list[str]:
+    """This host's captions: every `count`-th one starting at `index` (default: the JAX
+    process index / count)."""
+    index = jax.process_index() if index is None else int(index)
+    count = jax.process_count() if count is None else int(count)
+    if not 0 <= index < count:
+        raise ValueError(f"host index {index} outside [0, {count})")
+    mine = list(captions[index::count])
+    if not mine:
+        raise ValueError(
+            f"{len(captions)} captions cannot be shared by {count} hosts (host {index} gets none); "
+            "give the prompt file at least one caption per host"
+        )
+    return mine
+
+
+@dataclasses.dataclass
+class PromptConditions:
+    """This host's encoded captions and the null condition (numpy, float32)."""
+
+    captions: list[str]
+    condition: np.ndarray  # (N, T, W) penultimate OpenCLIP tokens: MaskGen's condition
+    pooled: np.ndarray  # (N, 1, E)
+    null_condition: np.ndarray  # (1, T, W)
+    null_pooled: np.ndarray  # (1, 1, E)
+
+    def __len__(self) -> int:
+        return self.condition.shape[0]
+
+    def rows(self, idx) -> dict:
+        return {"condition": self.condition[idx], "pooled": self.pooled[idx]}
+
+    def batch_fn(self, global_batch: int, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> Callable[[int], dict]:
+        """fn(step) -> this host's rows {"condition": (b, T, W), "pooled": (b, 1, E)} of the
+        global batch (b = global_batch / process_count), uniform over the host's captions."""
+        index = jax.process_index() if process_index is None else int(process_index)
+        count = jax.process_count() if process_count is None else int(process_count)
+        if global_batch % count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {count} hosts")
+        local = global_batch // count
+        n = len(self)
+
+        def fn(step: int) -> dict:
+            rng = np.random.default_rng([int(seed), int(step), index])
+            return self.rows(rng.integers(0, n, local))
+
+        return fn
+
+
+@functools.partial(jax.jit, static_argnames=("clip_model",))
+def _encode(clip_model, clip_params, ids):
+    out = clip_model.apply({"params": clip_params}, ids)
+    return out.penultimate, out.pooled
+
+
+def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[str], *,
+                        null_prompt: str = "", chunk: int = 64) -> PromptConditions:
+    """Encodes `captions` (and `null_prompt`) once with the text tower, in fixed-size chunks
+    (the last one padded) so one compiled forward serves every chunk.
+
+    tokenizer: anything with `tokenize(list[str]) -> (n, context_length) int ids`
+    (softdimo_jax.data.clip_bpe.ClipBPETokenizer)."""
+    captions = list(captions)
+    if not captions:
+        raise ValueError("no captions to encode")
+    texts = captions + [null_prompt]
+    conds, pooled = [], []
+    for i in range(0, len(texts), chunk):
+        part = texts[i : i + chunk]
+        ids = np.asarray(tokenizer.tokenize(part + [""] * (chunk - len(part))), np.int32)
+        c, p = _encode(clip_model, clip_params, jnp.asarray(ids))
+        conds.append(np.asarray(c, np.float32)[: len(part)])
+        pooled.append(np.asarray(p, np.float32)[: len(part)])
+    cond, pool = np.concatenate(conds), np.concatenate(pooled)
+    return PromptConditions(captions, cond[:-1], pool[:-1], cond[-1:], pool[-1:])
+
+
+def load_prompt_conditions(path: str, clip_model, clip_params, tokenizer, *, null_prompt: str = "",
+                           chunk: int = 64, index: int | None = None, count: int | None = None) -> PromptConditions:
+    """read_prompts + shard_prompts (this host's share) + encode_prompt_table."""
+    mine = shard_prompts(read_prompts(path), index, count)
+    return encode_prompt_table(clip_model, clip_params, tokenizer, mine, null_prompt=null_prompt, chunk=chunk)
+
+
+def null_conditions_kwargs(table: PromptConditions) -> dict[str, Any]:
+    """The keyword arguments `distill.make_adapter` needs for a MaskGen teacher."""
+    return {"null_condition": table.null_condition, "null_pooled": table.null_pooled}

@@ -1,0 +1,217 @@
+"""Distillation adapters for the MaskGIT (class-to-image) and MaskGen (text-to-image) teachers.
+
+An adapter tells `softdimo_jax.training.distill.Distiller` how to talk to one architecture
+(see `LFQBertAdapter` there for the interface): token layout (num_tokens, splits S = 1 here,
+vocab_size V, mask_token), `embed`, `student_logits` -> (B, L, 1, V), `teacher_logits`, and
+the parameter paths of the logical frozen groups.
+
+MaskGIT (`MaskGITTransformer`): the head returns K + 1 logits (visual tokens and MASK);
+generator, auxiliary and teacher distributions use the K visual columns only, so the
+generator never samples MASK and the teacher's p_T is renormalised over real tokens.
+Classes are integer labels; the CFG branch uses the null class (`drop_label`).
+Frozen groups (Di[M]O): `tok_emb` (the one table holds visual tokens, MASK, classes and the
+null class, and it is ALSO the output projection: the head is x @ tok_embᵀ + bias, so
+freezing the input embedding freezes the head's weights too), `bias`, `pos_emb`.
+
+MaskGen (`MaskGenVQ`): the condition is text. The "labels" the Distiller passes around are
+a dict {"condition": (B, T, W), "pooled": (B, 1, E)} of OpenCLIP outputs, drawn by
+`draw_labels` from the per-step conditions batch the step receives (rows of the encoded
+prompt table, see `softdimo_jax.data.prompts`). The CFG branch replaces a row by the null
+(empty or negative prompt) condition held by the adapter. Guidance is MaskGen's
+c + s(c − u) (`cfg_formula='cond_plus'`). The aesthetic micro-condition is a constant score.
+Frozen groups: `embeddings` (tied with the head: logits = x @ E[:K]ᵀ), `pos_embed`; MaskGen's
+head has no bias, so 'output_bias' names no parameter here.
+MaskGen has no dropout; `distill.dropout` must be 0 for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softdimo_jax.models.clip_text import drop_to_null
+
+
+def _only_split(tokens):
+    """(B, L, 1) ids -> (B, L); the Distiller keeps a split axis of size 1 for these models."""
+    if tokens.ndim != 3 or tokens.shape[-1] != 1:
+        raise ValueError(f"expected (B, L, 1) token ids (S = 1), got shape {tokens.shape}")
+    return tokens[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskGITAdapter:
+    teacher: nn.Module
+    student: nn.Module
+
+    frozen_groups = {
+        # tok_emb is tied with the output head (logits = x @ tok_embᵀ + bias).
+        "input_embedding": ("tok_emb",),
+        "output_bias": ("bias",),
+        "position_embedding": ("pos_emb",),
+    }
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, dropout: float | None = None, dtype=None,
+                    remat: bool | None = None) -> "MaskGITAdapter":
+        dtype = module.dtype if dtype is None else jnp.dtype(dtype)
+        teacher = module.clone(dtype=dtype, remat=False)
+        student = module.clone(
+            dtype=dtype,
+            dropout=module.dropout if dropout is None else float(dropout),
+            remat=module.remat if remat is None else bool(remat),
+        )
+        return cls(teacher=teacher, student=student)
+
+    num_tokens = property(lambda self: self.student.num_tokens)
+    splits = property(lambda self: 1)
+    vocab_size = property(lambda self: self.student.codebook_size)  # MASK column dropped
+    mask_token = property(lambda self: self.student.mask_token)
+    num_classes = property(lambda self: self.student.nclass)
+    student_dropout = property(lambda self: float(self.student.dropout))
+
+    def embed(self, params, tokens):
+        return self.student.apply({"params": params}, _only_split(tokens),
+                                  method=type(self.student).embed_tokens)
+
+    def _visual(self, logits):
+        return logits[..., : self.vocab_size][:, :, None, :]
+
+    def student_logits(self, params, labels, *, tokens=None, embeddings=None, rng=None):
+        train = rng is not None and self.student_dropout > 0
+        logits = self.student.apply(
+            {"params": params}, None if tokens is None else _only_split(tokens), labels,
+            input_embeddings=embeddings, deterministic=not train,
+            rngs={"dropout": rng} if train else None,
+        )
+        return self._visual(logits)
+
+    def teacher_logits(self, params, tokens, labels, drop_label_mask=None):
+        logits = self.teacher.apply({"params": params}, _only_split(tokens), labels,
+                                    drop_label=drop_label_mask, deterministic=True)
+        return self._visual(logits)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskGenAdapter:
+    """`null_condition` (1, T, W) and `null_pooled` (1, 1, E): the CFG branch's condition
+    (the empty caption's OpenCLIP outputs, or a negative prompt's)."""
+
+    teacher: nn.Module
+    student: nn.Module
+    null_condition: Any
+    null_pooled: Any
+    aesthetic_score: float = 6.5
+
+    frozen_groups = {
+        # embeddings is tied with the output head (logits = x @ E[:K]ᵀ, no bias).
+        "input_embedding": ("embeddings",),
+        "output_bias": (),
+        "position_embedding": ("pos_embed",),
+    }
+
+    @classmethod
+    def from_module(cls, module: nn.Module, null_condition, null_pooled, *, aesthetic_score: float = 6.5,
+                    dropout: float | None = None, dtype=None, remat: bool | None = None) -> "MaskGenAdapter":
+        if dropout:
+            raise ValueError(f"MaskGenVQ has no dropout layers; set distill.dropout=0 (got {dropout})")
+        null_condition = np.asarray(null_condition, np.float32)
+        null_pooled = np.asarray(null_pooled, np.float32)
+        if null_condition.ndim == 2:
+            null_condition = null_condition[None]
+        null_pooled = null_pooled.reshape(1, 1, -1)
+        if null_condition.shape[0] != 1 or null_condition.shape[-1] != module.text_embed_dim:
+            raise ValueError(
+                f"null_condition must be (1, T, {module.text_embed_dim}) (the empty / negative prompt's "
+                f"penultimate OpenCLIP tokens), got {null_condition.shape}"
+            )
+        dtype = module.dtype if dtype is None else jnp.dtype(dtype)
+        teacher = module.clone(dtype=dtype, remat=False)
+        student = module.clone(dtype=dtype, remat=module.remat if remat is None else bool(remat))
+        return cls(teacher, student, null_condition, null_pooled, float(aesthetic_score))
+
+    num_tokens = property(lambda self: self.student.seq_len)
+    splits = property(lambda self: 1)
+    vocab_size = property(lambda self: self.student.codebook_size)
+    mask_token = property(lambda self: self.student.mask_token_id)
+    student_dropout = property(lambda self: 0.0)
+
+    @property
+    def num_classes(self) -> int:
+        raise AttributeError("MaskGen is text-conditioned: conditions come from draw_labels, not class ids")
+
+    def draw_labels(self, rng, batch: int, conditions):
+        """The batch's text conditions: the rows of `conditions` ({"condition": (N, T, W),
+        "pooled": (N, 1, E)}), as they are when N == batch, else `batch` rows drawn
+        uniformly (the rng)."""
+        if conditions is None:
+            raise ValueError(
+                "MaskGen distillation needs text conditions: pass the step a conditions batch "
+                "(softdimo_jax.data.prompts.PromptConditions.batch_fn)"
+            )
+        missing = {"condition", "pooled"} - set(conditions)
+        if missing:
+            raise ValueError(f"conditions batch lacks {sorted(missing)}; it needs 'condition' and 'pooled'")
+        n = conditions["condition"].shape[0]
+        picked = {"condition": conditions["condition"], "pooled": conditions["pooled"].reshape(n, 1, -1)}
+        if n == batch:
+            return picked
+        idx = jax.random.randint(rng, (batch,), 0, n)
+        return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), picked)
+
+    def embed(self, params, tokens):
+        return self.student.apply({"params": params}, _only_split(tokens),
+                                  method=type(self.student).embed_tokens)
+
+    def _apply(self, module, params, labels, tokens, embeddings):
+        logits = module.apply(
+            {"params": params}, tokens, labels["condition"], labels["pooled"],
+            jnp.full((labels["condition"].shape[0],), self.aesthetic_score, jnp.float32),
+            input_embeddings=embeddings,
+        )
+        return logits[:, :, None, :]
+
+    def student_logits(self, params, labels, *, tokens=None, embeddings=None, rng=None):
+        del rng  # no dropout in MaskGen
+        return self._apply(self.student, params, labels,
+                           None if tokens is None else _only_split(tokens), embeddings)
+
+    def teacher_logits(self, params, tokens, labels, drop_label_mask=None):
+        if drop_label_mask is not None:
+            cond, pooled = drop_to_null(labels["condition"], labels["pooled"], self.null_condition,
+                                        self.null_pooled, drop_label_mask)
+            labels = {"condition": cond, "pooled": pooled}
+        return self._apply(self.teacher, params, labels, _only_split(tokens), None)
+
+
+def make_family_adapter(module: nn.Module, config, **kwargs):
+    """MaskGIT / MaskGen adapters for `distill.make_adapter`; None for other modules.
+
+    MaskGen needs keyword arguments `null_condition` (1, T, W) and `null_pooled` (1, 1, E)
+    (`softdimo_jax.data.prompts.PromptConditions` holds them); `config.aesthetic_score`
+    (default 6.5) is its micro-condition."""
+    from softdimo_jax.models.maskgen import MaskGenVQ
+    from softdimo_jax.models.maskgit import MaskGITTransformer
+
+    if isinstance(module, MaskGITTransformer):
+        if kwargs:
+            raise TypeError(f"the MaskGIT adapter takes no extra arguments, got {sorted(kwargs)}")
+        return MaskGITAdapter.from_module(module, dropout=config.dropout, dtype=config.compute_dtype,
+                                          remat=config.remat)
+    if isinstance(module, MaskGenVQ):
+        if "null_condition" not in kwargs or "null_pooled" not in kwargs:
+            raise ValueError(
+                "MaskGen distillation needs the null (empty / negative prompt) condition: "
+                "make_adapter(model, config, null_condition=..., null_pooled=...) "
+                "(softdimo_jax.data.prompts.PromptConditions holds both)"
+            )
+        return MaskGenAdapter.from_module(
+            module, kwargs.pop("null_condition"), kwargs.pop("null_pooled"),
+            aesthetic_score=config.get("aesthetic_score", 6.5),
+            dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat, **kwargs)
+    return None
