@@ -209,11 +209,12 @@ def _refine_distiller_cls():
             self.extra = None
             self.extra_out = None
 
-        def generator_cotangent(self, state, teacher_params, rng):
+        def generator_cotangent(self, state, teacher_params, rng, conditions=None):
+            # Steps 1-5 of Distiller.generator_cotangent (same rng use), plus the extra term.
             cfg, a = self.config, self.adapter
             b = int(cfg.batch_size)
             k_in, k_drop, k_sample, k_mask, k_aux = jax.random.split(rng, 5)
-            labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b)
+            labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b, conditions)
             z_gen, vjp = jax.vjp(
                 lambda p: self.generator_logits(p, labels, tokens, k_eps, k_drop), state.gen_params)
             x_gen = self._sample(k_sample, jax.lax.stop_gradient(z_gen))
@@ -224,7 +225,8 @@ def _refine_distiller_cls():
             cot_dimo = distill.jeffreys_grad(z_t, z_a, mask, cfg.beta) / b
             fkl, rkl = distill.divergences(z_t, z_a, mask)
             stats = {"fkl": fkl, "rkl": rkl, "mask_frac": jnp.mean(mask.astype(jnp.float32)),
-                     "dimo_loss": 0.5 * b * jnp.sum(cot_dimo**2)}
+                     "dimo_loss": 0.5 * b * jnp.sum(cot_dimo**2),
+                     "gen_logit_absmean": jnp.mean(jnp.abs(z_gen.astype(jnp.float32)))}
             cot = self.w_dimo * cot_dimo
             if self.extra is not None:
                 z_sg = jax.lax.stop_gradient(z_gen).astype(jnp.float32)
