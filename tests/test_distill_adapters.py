@@ -239,3 +239,42 @@ def test_maskgen_distills_on_8_devices_from_captions(maskgen, caption_table):
     unused = ("blocks_1/attn/add_q_proj",)
     _check_moved(params, state.gen_params, {"embeddings", "pos_embed"}, unused)
     _check_moved(params, state.aux_params, {"embeddings", "pos_embed"}, unused)
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+def test_maskgen_entry_distills_from_prompt_file(tmp_path, maskgen, fixtures_dir, monkeypatch):
+    """distill_stage.run_from_config: converted MaskGen + text tower, BPE captions from a
+    prompt file, the Trainer loop with the conditions batch, checkpoints written."""
+    import functools
+    import importlib.util
+    import os
+
+    from softdimo_jax.convert import save_converted
+    from softdimo_jax.training import distill_stage
+
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    m, params = maskgen
+    clip = ClipTextTransformer(context_length=T, width=TW, heads=2, layers=1, embed_dim=TW)
+    cp = clip.init(jax.random.PRNGKey(4), jnp.zeros((1, T), jnp.int32))["params"]
+    save_converted(str(tmp_path / "teacher"), "maskgen_vq", m, params)
+    save_converted(str(tmp_path / "clip"), "clip_text", clip, cp)
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
+
+    spec = importlib.util.spec_from_file_location("cfg", "configs/maskgen_t2i_distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("1")
+    config.unlock()
+    config.update(dict(teacher_checkpoint=str(tmp_path / "teacher"), text_encoder_checkpoint=str(tmp_path / "clip"),
+                       bpe_merges=str(fixtures_dir / "bpe_simple_vocab_16e6.txt.gz"),
+                       prompt_file=str(tmp_path / "prompts.txt"), prompt_encode_chunk=8))
+    config.distill.update(dict(num_steps=2, batch_size=B, compute_dtype="float32", remat=False, lr=1e-3,
+                               warmup_steps=1, log_every=1, ckpt_every=2))
+    distill_stage.run_from_config(config, str(tmp_path / "work"))
+    assert sorted(os.listdir(tmp_path / "work" / "distill" / "checkpoints")) == ["2"]
+
+    config.teacher_family = "maskgit_transformer"
+    with pytest.raises(ValueError, match="teacher_family"):
+        distill_stage.run_from_config(config, str(tmp_path / "work2"))

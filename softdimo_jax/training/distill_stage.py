@@ -62,15 +62,19 @@ def _jsonable(c) -> Any:
 
 
 def train_distill(dcfg, teacher_model, teacher_params, stage_dir: str | None, mesh, *,
-                  fingerprint: Any = None, on_step_end=None):
+                  fingerprint: Any = None, on_step_end=None, adapter=None, batch_fn=None):
     """Runs (or resumes, or restores when complete) the distillation phase.
 
     Returns (TrainResult, Distiller). The Trainer owns checkpoints and logging; the teacher
     travels as its `frozen` argument (sharded like params, never donated or checkpointed).
+    `adapter`: a prebuilt adapter (default: distill.make_adapter). `batch_fn(step)`: this
+    host's rows of the step's conditions batch for text-conditioned adapters (the prompt
+    table's `PromptConditions.batch_fn`); None for class labels drawn in the step.
     """
     from softdimo_jax.training.trainer import Trainer
 
-    distiller = distill.Distiller(distill.make_adapter(teacher_model, dcfg), dcfg, mesh)
+    adapter = adapter if adapter is not None else distill.make_adapter(teacher_model, dcfg)
+    distiller = distill.Distiller(adapter, dcfg, mesh)
 
     class DistillTrainer(Trainer):
         def init_state(self):
@@ -79,15 +83,16 @@ def train_distill(dcfg, teacher_model, teacher_params, stage_dir: str | None, me
             return init(self.frozen["teacher"])
 
     def step_fn(state, batch, rng, step, frozen):
-        del batch, step  # data-free; rng is already folded with the step by the Trainer
-        return distiller._step_fn(state, frozen["teacher"], rng)
+        del step  # rng is already folded with the step by the Trainer
+        # batch: None (data-free, class labels drawn in the step) or text conditions.
+        return distiller._step_fn(state, frozen["teacher"], rng, batch)
 
     trainer = DistillTrainer(
         name="distill",
         stage_dir=stage_dir,
         init_fn=lambda rng: distiller._init_fn(teacher_params),  # shapes only (eval_shape)
         step_fn=step_fn,
-        batch_fn=lambda step: None,
+        batch_fn=batch_fn if batch_fn is not None else (lambda step: None),
         num_steps=int(dcfg.num_steps),
         seed=int(dcfg.seed),
         mesh=distiller.mesh,
@@ -187,13 +192,23 @@ def _load_models(config):
 
 def run_from_config(config, workdir: str) -> None:
     """Distills a converted teacher (config.teacher_checkpoint) and writes a sample grid of
-    the one-step student (hard and soft) when a tokenizer checkpoint is given."""
+    the one-step student (hard and soft) when a tokenizer checkpoint is given.
+
+    The teacher's family comes from its checkpoint (checked against config.teacher_family
+    when set): MaskBit and MaskGIT are class-conditional; MaskGen distills from
+    config.prompt_file (softdimo_jax.training.family_stages)."""
     from softdimo_jax import parallel
     from softdimo_jax.sampling.grid import save_image_grid
+    from softdimo_jax.training import family_stages
 
     dcfg = config.distill
     mesh = parallel.make_mesh(None if dcfg.num_devices in (-1, 0, None) else dcfg.num_devices, dcfg.fsdp)
     model, params, (tok_model, tok_params) = _load_models(config)
+    family_stages.check_family(config, model)
+    if not family_stages.is_lfq(model):
+        family_stages.run_family(config, workdir, mesh, model, params, tok_model, tok_params,
+                                 train_distill, _jsonable(config), _log)
+        return
     stage_dir = os.path.join(workdir, "distill")
     result, distiller = train_distill(dcfg, model, params, stage_dir, mesh,
                                       fingerprint=_jsonable(config))
