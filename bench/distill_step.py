@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--xla_option", action="append", default=[],
                     help="per-step XLA compiler option NAME=VALUE (repeatable), e.g. "
                          "xla_cpu_enable_concurrency_optimized_scheduler=false")
+    ap.add_argument("--no_trim", dest="trim", action="store_false",
+                    help="skip malloc_trim after compiling (glibc only)")
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--num_devices", type=int, default=-1)
     ap.add_argument("--peak_gflops", type=float, default=150.0,
@@ -117,6 +119,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     compiled = d.jit_step(teacher).lower(state, teacher, rng, *extra).compile()
     t_compile = time.perf_counter() - t0
+    if args.trim:
+        # Hand the compiler's freed heap back to the OS: XLA's step buffers are fresh
+        # allocations, so without this the compiler's leftovers add to the run's peak RSS.
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
     rss["compile"] = rss_now_mb()
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):

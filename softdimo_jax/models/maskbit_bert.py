@@ -119,9 +119,10 @@ class SelfAttention(nn.Module):
         qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="in_proj")(x)
         qkv = qkv.reshape(b, n, 3, self.heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # torch scales q before the dot product; the order does not change float32 results
-        # beyond round-off, and softmax runs in float32 for bf16 compute.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+        # Scale q before the dot product, as torch does: (B, L, h, hd) elements instead of
+        # (B, h, L, L), and XLA:CPU's fused attention kernel would otherwise take the scale
+        # as a materialised (B, h, L, L) broadcast. Softmax runs in float32 for bf16 compute.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (1.0 / math.sqrt(hd)), k)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         # torch's MultiheadAttention applies its dropout to the attention weights.
         probs = Dropout(self.dropout)(probs, deterministic=deterministic)
