@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from softdimo_jax.training.distill_config import digits_distill_config
+from softdimo_jax.training.refine_config import add_digits_refine_configs
+
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -117,6 +120,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         pr_k=3,
         grid_samples=100,
     )
+
+    # Di[M]O distillation of the teacher into a one-step generator (SPEC §1.1).
+    c.distill = digits_distill_config(smoke=(preset == "smoke"))
+    # GAN refinement, reward fine-tuning and TTEO (SPEC §1.3-1.5); handles `smoke` itself.
+    add_digits_refine_configs(c, preset)
 
     if preset == "smoke":
         _smoke(c)

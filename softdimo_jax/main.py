@@ -71,6 +71,10 @@ def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in sys.argv):
         sys.exit(f"error: the default config {DEFAULT_CONFIG} is missing; pass --config=PATH")
+    # On TPU pods (launch/tpu_train.sh sets SOFTDIMO_DISTRIBUTED=1): one process per host.
+    from softdimo_jax.training.distill_stage import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     define_config_flag()
     app.run(main)
 

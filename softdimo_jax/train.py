@@ -39,7 +39,7 @@ from softdimo_jax.evaluation.digits_classifier import train_classifier
 from softdimo_jax.evaluation.digits_metrics import DigitsEvaluator, format_table
 from softdimo_jax.models import lfq
 from softdimo_jax.sampling.grid import make_image_grid, save_image_grid
-from softdimo_jax.training import checkpointing, teacher_train, tokenizer_train
+from softdimo_jax.training import checkpointing, refine_stages, teacher_train, tokenizer_train
 from softdimo_jax.training.trainer import format_seconds
 
 
@@ -243,11 +243,24 @@ def evaluate_teacher_stage(config, workdir: str, ctx: dict) -> None:
     add_rows(ctx, rows)
 
 
+def _distill_stage(config, workdir: str, ctx: dict) -> None:
+    # Imported lazily: the distillation phase pulls in optax/orbax set-up of its own.
+    from softdimo_jax.training.distill_stage import distill_stage
+
+    distill_stage(config, workdir, ctx)
+
+
 STAGES: list[Stage] = [
     Stage("tokenizer", tokenizer_stage),
     Stage("teacher", teacher_stage),
     Stage("classifier", classifier_stage),
     Stage("evaluate_teacher", evaluate_teacher_stage),
+    Stage("distill", _distill_stage),
+    # Post-distillation refinement through soft embeddings (SPEC §1.3-1.5).
+    Stage("softdimo_gan", refine_stages.softdimo_gan_stage),
+    Stage("gumbel_gan", refine_stages.gumbel_gan_stage),
+    Stage("reward", refine_stages.reward_stage),
+    Stage("tteo", refine_stages.tteo_stage),  # rows tteo_k2@1, tteo_k4@1
 ]
 
 

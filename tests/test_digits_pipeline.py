@@ -14,7 +14,9 @@ from configs.digits import get_config
 from softdimo_jax import train
 from softdimo_jax.training.checkpointing import CheckpointMismatchError
 
-ROW_KEYS = {"fd_digits", "accuracy", "precision", "recall"}
+ROW_KEYS = {"fd_digits", "accuracy", "precision", "recall", "reward"}
+ALL_ROWS = {"teacher@1", "teacher@2", "dimo@1", "dimo_soft@1", "softdimo_gan@1", "gumbel_gan@1",
+            "reward@1", "tteo_k2@1", "tteo_k4@1"}
 
 
 def smoke_config():
@@ -35,11 +37,13 @@ def test_smoke_pipeline_writes_everything(smoke_run):
     workdir, metrics = smoke_run
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
-    assert set(saved["rows"]) == {"teacher@1", "teacher@2"}
+    assert set(saved["rows"]) == ALL_ROWS
     for row in saved["rows"].values():
         assert ROW_KEYS <= set(row) and 0 <= row["accuracy"] <= 1
     assert saved["floor"]["fd_digits"] >= 0
-    assert [s.name for s in train.STAGES][:2] == ["tokenizer", "teacher"]
+    assert [s.name for s in train.STAGES] == [
+        "tokenizer", "teacher", "classifier", "evaluate_teacher", "distill",
+        "softdimo_gan", "gumbel_gan", "reward", "tteo"]
     for png in ("tokenizer/reconstructions.png", "teacher/samples_2steps.png",
                 "classifier/test_images.png", "evaluate_teacher/teacher@1.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 0, png

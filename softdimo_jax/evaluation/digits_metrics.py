@@ -51,8 +51,10 @@ class DigitsEvaluator:
         return {"fd_digits": stats.frechet_distance(mu, sigma, self.test_mu, self.test_sigma)}
 
     def evaluate(self, images, labels) -> dict:
-        """Row {fd_digits, accuracy, precision, recall} for generated `images` (N, S, S, C) in
-        [0, 1] with requested `labels` (N,)."""
+        """Row {fd_digits, accuracy, precision, recall, reward} for generated `images`
+        (N, S, S, C) in [0, 1] with requested `labels` (N,). `reward` is the mean
+        log-probability of the requested class under the classifier (the built-in
+        `digits_classifier_logprob` reward), so every row can be compared on it."""
         labels = np.asarray(labels)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -64,7 +66,14 @@ class DigitsEvaluator:
             "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
             "precision": precision,
             "recall": recall,
+            "reward": float(np.mean(_log_softmax(logits)[np.arange(len(labels)), labels])),
         }
+
+
+def _log_softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def format_table(floor: dict | None, rows: dict[str, dict]) -> str:

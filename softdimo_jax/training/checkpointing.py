@@ -26,8 +26,13 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint on disk was made by a different config (model size, optimiser...)."""
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in path  # gs://, s3://: orbax/etils handle them; abspath would mangle them
+
+
 def checkpoint_dir(stage_dir: str) -> str:
-    return os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+    path = os.path.join(stage_dir, "checkpoints")
+    return path if _is_remote(path) else os.path.abspath(path)
 
 
 def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
