@@ -16,10 +16,13 @@ import io
 import os
 from typing import Any, Callable
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softdimo_jax import parallel
 from softdimo_jax.training import distill
 
 
@@ -61,15 +64,16 @@ def _save_grid(images, path: str) -> None:
         f.write(buf.getvalue())
 
 
-def maskgit_student_images(model, params, vqgan, vq_params, labels, dcfg, seed: int, soft: bool):
+def maskgit_student_images(model, params, vqgan, vq_params, labels, dcfg, seed: int, soft: bool, mesh=None):
     """One-step MaskGIT student images (N, H, W, 3) in [0, 1]: sampled ids, or softmax of the
-    visual-token logits (temperature dcfg.soft.tau) @ the VQGAN codebook when soft."""
+    visual-token logits (temperature dcfg.soft.tau) @ the VQGAN codebook when soft.
+    With `mesh` the output is replicated over it, so every host can read it (multi-host)."""
     from softdimo_jax.sampling.maskgit_sampler import one_step_sample
 
     g, k = model.grid_size, model.codebook_size
     temp = float(dcfg.sample.temperature) or 1.0
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else parallel.replicated(mesh))
     def run(params, vq_params, rng, labels):
         ids, logits = one_step_sample(model, params, rng, labels, r_init=dcfg.r_init, sigma=dcfg.sigma_init,
                                       gen_temp=temp, return_logits=True)
@@ -119,7 +123,8 @@ def run_family(config, workdir: str, mesh, model, params, tok_model, tok_params,
         gen = result.state.ema_params if dcfg.sample.use_ema else result.state.gen_params
         labels = np.resize(np.asarray(config.get("grid_labels") or range(n), np.int32), n) % model.nclass
         for mode in ("hard", "soft"):
-            images = maskgit_student_images(model, gen, tok_model, tok_params, labels, dcfg, seed, mode == "soft")
+            images = maskgit_student_images(model, gen, tok_model, tok_params, labels, dcfg, seed, mode == "soft",
+                                            mesh=mesh)
             _save_grid(images, os.path.join(stage_dir, f"student_{mode}.png"))
         return
 
@@ -139,12 +144,15 @@ def run_family(config, workdir: str, mesh, model, params, tok_model, tok_params,
             log("[distill] no tokenizer_checkpoint (TA-TiTok): skipping the sample grid")
             return
         gen = result.state.ema_params if dcfg.sample.use_ema else result.state.gen_params
-        conds = encode_captions(clip, clip_params, bpe, table.captions[:n])
+        # The file's first captions, the same on every host (the table is this host's share);
+        # images replicated over the mesh so every host can read them.
+        conds = encode_captions(clip, clip_params, bpe, prompts.read_prompts(config.prompt_file)[:n])
         for mode in ("hard", "soft"):
-            images, _ = one_step_images(
-                model, gen, tok_model, tok_params, conds, jax.random.PRNGKey(seed),
-                float(dcfg.get("aesthetic_score", 6.5)), r_init=float(dcfg.r_init), sigma=float(dcfg.sigma_init),
-                temperature=float(dcfg.sample.temperature), soft=mode == "soft")
+            run = jax.jit(lambda g, t, c, r, soft=mode == "soft": one_step_images(
+                model, g, tok_model, t, c, r, float(dcfg.get("aesthetic_score", 6.5)), r_init=float(dcfg.r_init),
+                sigma=float(dcfg.sigma_init), temperature=float(dcfg.sample.temperature), soft=soft)[0],
+                out_shardings=parallel.replicated(mesh))
+            images = run(gen, tok_params, conds, jax.random.PRNGKey(seed))
             _save_grid(np.asarray(images), os.path.join(stage_dir, f"student_{mode}.png"))
         return
 
