@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--samples", help="ADM-style .npz of generated images (arr_0 uint8 N×H×W×3)")
     src.add_argument("--generator", choices=["teacher", "student"],
-                     help="generate the samples instead (hook, not wired yet: see generate_sample_batches)")
-    src.add_argument("--checkpoint", help="generator checkpoint (with --generator)")
+                     help="generate the samples instead, from --checkpoint and --tokenizer")
+    src.add_argument("--checkpoint", help="converted generator checkpoint (with --generator)")
+    src.add_argument("--tokenizer", help="converted tokenizer checkpoint (with --generator)")
     src.add_argument("--steps", type=int, help="teacher sampling steps (student: 1)")
     src.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
     src.add_argument("--decode", choices=["hard", "soft"], default="hard", help="student decode mode")
@@ -79,14 +80,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate_sample_batches(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """HOOK for the lead: yield (images uint8 (b, H, W, 3) or float [0, 1], labels (b,)) for
-    `args.num_samples` class-balanced labels (export.class_balanced_labels), from a teacher
-    (`args.steps`, `args.cfg_scale`) or a student (1 step, `args.decode`, `args.tteo_steps`)
-    loaded from `args.checkpoint`. The samplers live in softdimo_jax.sampling."""
-    raise NotImplementedError(
-        f"--generator {args.generator}: sample generation is not wired into the evaluation CLI yet; "
-        "generate samples to an ADM .npz (softdimo_jax.evaluation.export.AdmNpzWriter) and pass --samples"
-    )
+    """Yields (images uint8 (b, H, W, 3), labels (b,)) for `args.num_samples` class-balanced
+    labels, from a converted MaskBit teacher (`--steps`, `--cfg-scale`) or a one-step student
+    (`--decode hard|soft`), decoded by the converted tokenizer (`--tokenizer`). Generation runs
+    through `softdimo_jax.sample.generate_images` (jitted, batch sharded over the mesh)."""
+    if not args.checkpoint or not args.tokenizer:
+        raise SystemExit("error: --generator needs --checkpoint (converted generator) and --tokenizer "
+                         "(converted tokenizer); see `python -m softdimo_jax.convert`")
+    if args.tteo_steps:
+        raise SystemExit("error: --tteo-steps needs a reward model, which this CLI does not load; run "
+                         "TTEO through softdimo_jax.sampling.tteo (the digits main job reports tteo rows)")
+    from softdimo_jax.convert import load_converted
+
+    # Loaded eagerly (not inside the generator below) so a bad checkpoint fails at once.
+    gen_model, gen_params = load_converted(args.checkpoint)
+    tok_model, tok_params = load_converted(args.tokenizer)
+    return _generated_batches(args, gen_model, gen_params, tok_model, tok_params)
+
+
+def _generated_batches(args, gen_model, gen_params, tok_model, tok_params):
+    from softdimo_jax.evaluation import export
+    from softdimo_jax.sample import generate_images
+
+    n = args.num_samples or 50_000
+    labels = export.class_balanced_labels(n, args.num_classes)
+    kwargs = {}
+    if args.generator == "teacher":
+        if args.steps:
+            kwargs["num_steps"] = args.steps
+        if args.cfg_scale is not None:
+            kwargs["guidance_scale"] = args.cfg_scale
+    else:
+        kwargs["student_mode"] = args.decode
+    chunk = max(args.batch_size or 64, 1) * 4  # several sampler batches per yield
+    for start in range(0, n, chunk):
+        lab = labels[start : start + chunk]
+        images, _ = generate_images(gen_model, gen_params, tok_model, tok_params, lab,
+                                    mode=args.generator, seed=args.seed + start,
+                                    num_devices=args.num_devices, batch_size=args.batch_size or 64,
+                                    **kwargs)
+        images = export.to_uint8(images)
+        if images.shape[-1] == 1:  # grey tokenizers: Inception reads RGB
+            images = np.repeat(images, 3, axis=-1)
+        yield images, lab
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass --samples FILE (or --generator, or --make-reference)", file=sys.stderr)
         return 2
 
-    # Fail before the (slow) Inception set-up when generation is asked for but not wired.
+    # Load the generator before the (slow) Inception set-up, so a bad checkpoint fails fast.
     generated = generate_sample_batches(args) if args.samples is None and args.generator else None
 
     from softdimo_jax import parallel

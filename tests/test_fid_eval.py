@@ -7,6 +7,7 @@ one compilation serves most tests; the CLI test runs the real 299 pipeline on 8 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -287,5 +288,44 @@ def test_cli_end_to_end(tmp_path, params):
     with open(os.path.join(out, "metrics.json")) as f:
         m2 = json.load(f)
     assert m2["fid"] > 0 and "precision" not in m2
-    with pytest.raises(NotImplementedError, match="not wired"):
+    # Without the generator's checkpoints: a clear error, before Inception is loaded.
+    with pytest.raises(SystemExit, match="--checkpoint"):
         main(["--generator", "student", "--reference", ref, "--inception", ckpt])
+
+
+def test_cli_generates_from_converted_teacher_and_student(tmp_path, params):
+    """--generator: samples come from converted checkpoints through the samplers."""
+    import jax.numpy as jnp
+
+    from softdimo_jax.conversion.inception import save_params
+    from softdimo_jax.convert import save_converted
+    from softdimo_jax.evaluate import main
+    from softdimo_jax.models.maskbit_bert import LFQBert
+    from softdimo_jax.models.maskbit_tokenizer import ConvVQModel
+
+    gen = LFQBert(num_tokens=16, num_bits=6, splits=2, hidden_dim=32, depth=1, heads=2, mlp_dim=64,
+                  num_classes=4)
+    gen_params = jax.jit(gen.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 2), jnp.int32),
+                                   jnp.zeros((1,), jnp.int32))["params"]
+    tok = ConvVQModel(num_bits=6, hidden_channels=32, channel_mult=(1, 1), num_res_blocks=1)
+    tok_params = jax.jit(tok.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    save_converted(str(tmp_path / "G"), "maskbit_generator", gen, gen_params)
+    save_converted(str(tmp_path / "T"), "maskbit_tokenizer", tok, tok_params)
+    ckpt = str(tmp_path / "inception.npz")
+    save_params(params, ckpt)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=_images(8, 3, size=8))
+    for mode, extra in (("teacher", ["--steps", "2", "--cfg-scale", "1.0"]), ("student", ["--decode", "soft"])):
+        out = str(tmp_path / mode)
+        saved = str(tmp_path / f"{mode}.npz")
+        rc = main(["--generator", mode, "--checkpoint", str(tmp_path / "G"), "--tokenizer",
+                   str(tmp_path / "T"), "--num-samples", "8", "--num-classes", "4", "--no-pr",
+                   "--reference", ref, "--inception", ckpt, "--out", out, "--batch-size", "8",
+                   "--image-size", "8", "--save-samples", saved, "--progress-secs", "0", *extra])
+        assert rc == 0
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+        assert m["num_samples"] == 8 and np.isfinite(m["fid"]) and m["samples"] == f"generated:{mode}"
+        back_images, back_labels = export.load_adm_npz(saved)
+        assert back_images.shape == (8, 8, 8, 3) and back_images.dtype == np.uint8
+        np.testing.assert_array_equal(np.sort(back_labels), np.repeat(np.arange(4), 2))
