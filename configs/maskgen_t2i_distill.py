@@ -10,19 +10,20 @@
 
 Conditions: the prompt file holds one caption per line; each host encodes its share once
 with the OpenCLIP text tower (softdimo_jax.data.prompts) and feeds its rows of every batch.
-The CFG branch of the teacher uses `null_prompt`'s encoding (MaskGen's null condition is the
-empty caption; Di[M]O's Meissonic run used a negative prompt, `distil_neg_prompt`).
+The CFG branch of the teacher uses `null_prompt`'s encoding: by default the negative prompt
+of Di[M]O's Meissonic run (`distil_neg_prompt`: "teacher has much better performance with
+negative prompt"); `--config.null_prompt=""` gives MaskGen's own null condition (the empty
+caption). The auxiliary runs conditional only (the reference's fake_cfg_eval = 1).
 The BPE merges come from `bpe_merges`, else $SOFTDIMO_CLIP_BPE, else the open_clip package.
 
 Hyperparameters: Di[M]O's Meissonic values (SPEC §1.1, DIMO_Meissonic.yaml): r_init 0.5,
 σ 0.3, lr 1e-6 for generator and auxiliary, Adam(0.9, 0.999), 100 warm-up steps, clip 1.0,
-EMA 0.9999, β = 0, 20k steps, gradient checkpointing, bf16. Teacher CFG in MaskGen's form
-c + s(c − u) with s = 3.0: the reference's `true_cfg` 4 read as u + 4(c − u) (assumption;
-the Meissonic pipeline's guidance form). Not published for MaskGen and chosen here: the
+EMA 0.9999, β = 0, 20k steps, gradient checkpointing, bf16 (Adam eps 1e-6 under bf16, as
+the reference). Teacher CFG: the reference guides u + 4(c − u) (`true_cfg` 4, u from the
+negative prompt), which is MaskGen's form c + s(c − u) with s = 3. Not published for MaskGen and chosen here: the
 forward-mask schedule (arccos, MaskGen's; Meissonic's run used its own 'cosine'), the batch
 (16 per device = the reference's 2 per GPU × 8 accumulation), aesthetic score 6.5
-(MaskGen's sampling value), no dropout (MaskGen has none). The reference also trains its
-auxiliary with condition dropout 0.1 (`fake_cfg_drop_ratio`), which is not implemented.
+(MaskGen's sampling value), no dropout (MaskGen has none).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from __future__ import annotations
 import ml_collections
 
 from softdimo_jax.training.distill_config import REFERENCE_FROZEN, default_distill_config
+
+# The negative prompt of Di[M]O's Meissonic distillation (its teacher's unconditional branch).
+NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
+                   "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
 
 
 def get_config(devices: str = "8") -> ml_collections.ConfigDict:
@@ -41,7 +46,8 @@ def get_config(devices: str = "8") -> ml_collections.ConfigDict:
     c.tokenizer_checkpoint = ""  # converted TA-TiTok (for the sample grid); optional
     c.bpe_merges = ""  # bpe_simple_vocab_16e6.txt.gz; "" = $SOFTDIMO_CLIP_BPE or open_clip's
     c.prompt_file = ""  # one caption per line
-    c.null_prompt = ""  # the CFG branch's caption: "" (MaskGen's null condition) or a negative prompt
+    # The CFG branch's caption: Di[M]O's negative prompt; "" = MaskGen's null condition.
+    c.null_prompt = NEGATIVE_PROMPT
     c.prompt_encode_chunk = 64
     c.grid_samples = 16  # first captions of this host's share, one-step student images
 
@@ -54,7 +60,7 @@ def get_config(devices: str = "8") -> ml_collections.ConfigDict:
     d.mask_schedule = "arccos"
     d.mask_mode = "position"
     d.cfg_formula = "cond_plus"  # MaskGen: c + s (c − u)
-    d.cfg_scale = 3.0
+    d.cfg_scale = 3.0  # = u + 4 (c − u), the reference's true_cfg 4
     d.beta = 0.0
     d.aux_label_smoothing = 0.1
     d.dropout = 0.0  # MaskGenVQ has no dropout

@@ -11,7 +11,7 @@
 The recipe (SPEC §1.1; Di[M]O's DIMO_MaskGit.yaml and launch script): r_init 0.6 (exact count
 of MASKed initial tokens), σ 0.1 on the initial token embeddings, teacher CFG u + 2.0 (c − u)
 with the null class, β = 0 (forward KL), arccos forward masking, auxiliary cross-entropy with
-label smoothing 0.1, Adam(0.9, 0.999, eps 1e-6, no weight decay) at lr 1e-5 for generator and
+label smoothing 0.1, Adam(0.9, 0.999, eps 1e-6 as the reference under bf16, no weight decay) at lr 1e-5 for generator and
 auxiliary, 100 linear warm-up steps then constant, clip 1.0, EMA min(0.9999, (1+s)/(10+s)),
 64 per device, 50k steps, bf16 compute (the reference's mixed precision), dropout 0.1 in θ/ψ,
 frozen in θ and ψ: the token embedding `tok_emb` (tied with the output head, so the head's
