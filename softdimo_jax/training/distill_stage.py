@@ -15,6 +15,10 @@ At scale (ImageNet MaskBit from converted checkpoints, TPU pods via launch/tpu_t
         --config=configs/maskbit_imagenet256_distill.py --workdir=gs://bucket/run \\
         --config.teacher_checkpoint=gs://bucket/ckpt/maskbit_generator_14bit
 
+The same entry distills Di[M]O's MaskGIT teacher (configs/maskgit_imagenet256_distill.py,
+taming VQGAN for the grid) and MaskGen from a prompt file (configs/maskgen_t2i_distill.py);
+the teacher's family comes from its converted checkpoint (softdimo_jax.training.family_stages).
+
 With SOFTDIMO_DISTRIBUTED=1 (set by the launch scripts) `jax.distributed.initialize()` runs
 first; every process runs the same program (the method is data-free: each step draws its
 own labels and tokens on device), and only process 0 writes logs, grids and metrics.
