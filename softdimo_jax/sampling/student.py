@@ -56,7 +56,7 @@ def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float 
         raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
     adapter = distill.LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
-    mesh = distill.auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+    mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
 
     def fn(params, rng, labels):
         k_in, k_out = jax.random.split(rng)

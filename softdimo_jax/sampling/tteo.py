@@ -92,7 +92,7 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
     # The soft decode the reward sees is deterministic ('soft' expectation) unless the
     # relaxation itself is stochastic; Gumbel modes get a fixed key per call.
-    mesh = distill.auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+    mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
     grid = tuple(grid)
 
     def soft_reward(gp, tp, rp, e, labels, k_soft):

@@ -121,17 +121,6 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def auto_axes(mesh):
-    """The same mesh with Auto axis types. `jax.make_mesh` makes Explicit axes, which put
-    shardings into array types and make ordinary model code (reshapes of a sharded batch)
-    raise sharding-type errors; with Auto axes the compiler propagates shardings."""
-    from jax.sharding import AxisType, Mesh
-
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
 def _is_lead() -> bool:
     return jax.process_index() == 0
 
@@ -187,7 +176,7 @@ class Trainer:
         self.batch_fn = batch_fn
         self.num_steps = int(num_steps)
         self.seed = int(seed)
-        self.mesh = auto_axes(mesh if mesh is not None else parallel.make_mesh())
+        self.mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
         self.fsdp = bool(fsdp)
         self.checkpoint_every = max(int(checkpoint_every), 1)
         self.log_every = max(int(log_every), 1)
