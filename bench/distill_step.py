@@ -67,11 +67,21 @@ def main(argv=None) -> int:
                          "xla_cpu_enable_concurrency_optimized_scheduler=false")
     ap.add_argument("--no_trim", dest="trim", action="store_false",
                     help="skip malloc_trim after compiling (glibc only)")
+    ap.add_argument("--no_lean", dest="lean", action="store_false",
+                    help="skip the memory settings: 2 malloc arenas, XLA:CPU memory-optimised scheduler")
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--num_devices", type=int, default=-1)
     ap.add_argument("--peak_gflops", type=float, default=150.0,
                     help="peak for the fraction-of-peak line (H100 bf16 dense: ~989000)")
     args = ap.parse_args(argv)
+    if args.lean:
+        # At most 2 malloc arenas: XLA's worker threads otherwise each keep an arena of
+        # freed buffers (same as MALLOC_ARENA_MAX=2; must run before jax starts threads).
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc
+            pass
 
     import jax
     import jax.numpy as jnp
@@ -102,6 +112,10 @@ def main(argv=None) -> int:
     nparams = sum(x.size for x in jax.tree.leaves(params))
     mesh = make_mesh(None if args.num_devices < 1 else args.num_devices, args.fsdp)
     opts = {}
+    if args.lean and jax.default_backend() == "cpu":
+        # XLA:CPU's memory-optimised schedule: ~20% fewer temporaries (S: 443 -> 366 MB)
+        # at the same CPU time per step.
+        opts["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
     for item in args.xla_option:
         k, v = item.split("=", 1)
         opts[k] = {"true": True, "false": False}.get(v.lower(), v)
@@ -119,6 +133,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     compiled = d.jit_step(teacher).lower(state, teacher, rng, *extra).compile()
     t_compile = time.perf_counter() - t0
+    rss_compile_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.trim:
         # Hand the compiler's freed heap back to the OS: XLA's step buffers are fresh
         # allocations, so without this the compiler's leftovers add to the run's peak RSS.
@@ -155,7 +170,8 @@ def main(argv=None) -> int:
     devs = jax.devices()
     print(f"config {args.config}: {c}, batch {batch}, {nparams / 1e6:.2f}M params, dtype {args.dtype}, "
           f"remat {args.remat}, dropout {args.dropout} ({args.dropout_rng}), devices {len(mesh.devices.flat)}x {devs[0].device_kind}")
-    print(f"init {t_init:.2f} s, compile {t_compile:.2f} s")
+    print(f"init {t_init:.2f} s, compile {t_compile:.2f} s (peak RSS by then {rss_compile_peak:.0f} MB); "
+          f"XLA options {opts or 'default'}")
     print(f"iterations: median {med:.4f} s, min {min(times):.4f} s, max {max(times):.4f} s over {iters}")
     # CPU seconds of this process per iteration: robust to other processes on a shared
     # machine (wall time is not); divided by the core count it bounds the unloaded wall time.
