@@ -51,6 +51,11 @@ def test_smoke_pipeline_writes_everything(smoke_run):
         assert glob.glob(os.path.join(workdir, stage, "tb", "events.out.tfevents.*")), stage
     for stage in ("tokenizer", "teacher", "classifier"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", "4")), stage
+    # The EMA student is exported in the converted format the sample/evaluate CLIs load.
+    from softdimo_jax.convert import load_converted
+
+    student, student_params = load_converted(os.path.join(workdir, "distill", "student"))
+    assert student.num_bits == smoke_config().tokenizer.model.num_bits
 
 
 def test_rerun_restores_every_stage(smoke_run, capsys):

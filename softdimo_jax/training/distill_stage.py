@@ -132,6 +132,22 @@ def sample_student_images(model, params, tokenizer, tok_params, dcfg, labels, mo
     return np.concatenate(out)
 
 
+def export_student(stage_dir: str, model, params) -> str:
+    """Writes the student's (EMA) weights as a converted checkpoint, `<stage_dir>/student`, that
+    `python -m softdimo_jax.sample --mode student --generator ...` and `softdimo_jax.evaluate
+    --generator student --checkpoint ...` load like any converted teacher."""
+    from softdimo_jax.convert import save_converted
+
+    path = os.path.join(stage_dir, "student")
+    if "://" in path or jax.process_count() > 1:
+        # save_converted writes a local folder from one process; on pods the orbax state in
+        # <stage_dir>/checkpoints holds the same weights (ema_params).
+        return f"(not exported: {path} is remote or the job is multi-process)"
+    save_converted(path, "maskbit_generator", model, params, source=f"{stage_dir} (EMA student)",
+                   overwrite=True)
+    return path
+
+
 def run_distill_stage(config, workdir: str, ctx: dict) -> dict:
     """Trains the student from ctx['teacher'] and returns the metric rows
     {'dimo@1': row, 'dimo_soft@1': row} (rows from ctx['evaluator'])."""
@@ -148,6 +164,7 @@ def run_distill_stage(config, workdir: str, ctx: dict) -> dict:
     state = result.state
     params = state.ema_params if dcfg.sample.use_ema else state.gen_params
     ctx["student"] = dict(model=teacher["model"], params=params, state=state)
+    _log(f"[distill] student weights -> {export_student(stage_dir, teacher['model'], params)}")
 
     ecfg = config.evaluation
     n = int(ecfg.num_samples)
@@ -220,6 +237,7 @@ def run_from_config(config, workdir: str) -> None:
         _log("[distill] no tokenizer_checkpoint: skipping the sample grid")
         return
     gen = result.state.ema_params if dcfg.sample.use_ema else result.state.gen_params
+    _log(f"[distill] student weights -> {export_student(stage_dir, model, gen)}")
     n = max(int(config.get("grid_samples", 16)), mesh.size)
     n -= n % mesh.size
     labels = np.asarray(config.get("grid_labels") or _class_ordered_labels(n, model.num_classes))[:n]
