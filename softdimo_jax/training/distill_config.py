@@ -110,7 +110,7 @@ def digits_distill_config(smoke: bool = False) -> ml_collections.ConfigDict:
     """
     c = default_distill_config()
     c.update(dict(
-        num_steps=1200, batch_size=64, lr=1e-4, warmup_steps=50, dropout=0.0,
+        num_steps=800, batch_size=64, lr=1e-4, warmup_steps=50, dropout=0.0,
         cfg_formula="cond_plus", cfg_scale=0.5, mask_mode="split",
         log_every=100, ckpt_every=400, keep_checkpoints=2,
     ))
