@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh
 
 from softdimo_jax import parallel
 from softdimo_jax.models import lfq
@@ -353,12 +352,6 @@ def lr_at(config, lr: float, step):
 # ----------------------------------------------------------------------------------------
 
 
-def auto_mesh(mesh) -> Mesh:
-    """The same devices and axes with Auto axis types: the step places its batch with
-    sharding constraints and lets XLA propagate (jax.make_mesh defaults to Explicit)."""
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
 @flax.struct.dataclass
 class DistillState:
     step: jnp.ndarray
@@ -382,7 +375,7 @@ class Distiller:
         self.config = config
         mesh = mesh if mesh is not None else parallel.make_mesh(
             None if config.num_devices in (-1, 0, None) else config.num_devices, config.fsdp)
-        self.mesh = auto_mesh(mesh)
+        self.mesh = parallel.as_auto_mesh(mesh)
         self.fsdp = self.mesh.shape["fsdp"] > 1
         parallel.check_batch_divisible(int(config.batch_size), self.mesh)
         if not 0.0 <= config.sigma_init <= 1.0:
