@@ -101,12 +101,12 @@ def default_distill_config() -> ml_collections.ConfigDict:
 def digits_distill_config(smoke: bool = False) -> ml_collections.ConfigDict:
     """`config.distill` for the embedded digits pipeline (configs/digits.py).
 
-    Tuned on the digits teacher (16 tokens of 8 bits in 2 splits, hidden 128, depth 2):
-    800 iterations at batch 64, lr 1e-4 (the reference 1e-5 is for 50k steps), MaskBit's
-    CFG form c + s(c - u) with s = 0.5 (s = 1 cost recall, s = 0 accuracy), per-split
-    forward masking as the MaskBit teacher was trained, no dropout in θ/ψ (the digits
-    teacher is small; dropout only slowed convergence). Result (2-core CPU): dimo@1 FD-digits
-    19.96, accuracy 0.994 vs teacher@16 18.72 / 0.988 and teacher@1 39.64 / 0.882.
+    Tuned on the digits teacher: 800 iterations at batch 64, lr 1e-4 (the reference 1e-5
+    is for 50k steps), MaskBit's CFG form c + s(c - u) with s = 0.5 (s = 1 cost recall, s = 0
+    accuracy), per-split forward masking as the MaskBit teacher was trained, no dropout in
+    θ/ψ (the digits teacher is small; dropout only slowed convergence). With configs/digits.py
+    (12-bit tokens, teacher depth 3): dimo@1 FD-digits 20.28, accuracy 0.994, vs teacher@16
+    12.76 / 0.980 and teacher@1 33.97 / 0.925; 1,200 iterations gave 22.35 (recall fell).
     """
     c = default_distill_config()
     c.update(dict(
