@@ -36,12 +36,20 @@ def student_params(state, use_ema: bool = True):
 def one_step_logits(adapter, params, rng, labels, *, r_init: float = 0.6, sigma_init: float = 0.1,
                     init_mask_mode: str = "position"):
     """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic."""
-    k_tok, k_eps = jax.random.split(rng)
     labels = jnp.asarray(labels, jnp.int32)
+    e = initial_embeddings(adapter, params, rng, labels, r_init=r_init, sigma_init=sigma_init,
+                           init_mask_mode=init_mask_mode)
+    return adapter.student_logits(params, labels, embeddings=e)
+
+
+def initial_embeddings(adapter, params, rng, labels, *, r_init: float, sigma_init: float,
+                       init_mask_mode: str):
+    """The generator's input: embedded initial state (exactly round(r_init·L) MASK positions),
+    σ-perturbed. TTEO optimises this tensor; plain sampling uses it as drawn."""
+    k_tok, k_eps = jax.random.split(rng)
     _, tokens = distill.initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
     e = adapter.embed(params, tokens)
-    e = distill.perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
-    return adapter.student_logits(params, labels, embeddings=e)
+    return distill.perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
 
 
 def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float = 0.6,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from softdimo_jax import parallel
 from softdimo_jax.models.soft_embed import SoftEmbedder
+from softdimo_jax.sampling.student import initial_embeddings
 from softdimo_jax.training import distill
 
 MAX_BEST_OF = 16
@@ -41,15 +42,6 @@ def tteo_cost(steps: int, best_of: int) -> dict:
     bwd = best_of * steps
     # A backward costs about two forwards; the plain sampler is one generator forward.
     return {"forward": fwd, "backward": bwd, "plain_forward": 1, "relative": fwd + 2 * bwd}
-
-
-def initial_embeddings(adapter, params, rng, labels, *, r_init: float, sigma_init: float,
-                       init_mask_mode: str):
-    """The plain sampler's generator input (sampling/student.one_step_logits, same rng use)."""
-    k_tok, k_eps = jax.random.split(rng)
-    _, tokens = distill.initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
-    e = adapter.embed(params, tokens)
-    return distill.perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
 
 
 def optimise_embeddings(objective: Callable, e, steps: int, lr: float):
