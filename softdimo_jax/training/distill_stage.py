@@ -258,12 +258,14 @@ def run_from_config(config, workdir: str) -> None:
                 f.write(buf.getvalue())
 
 
-def main() -> None:
+def run_entry(run_fn, config_help: str, workdir_help: str) -> None:
+    """absl entry shared by the stand-alone phases: --config (locked ml_collections file) and
+    --workdir, distributed init on pods, then `run_fn(config, workdir)`."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    cfg_flag = config_flags.DEFINE_config_file("config", None, "distillation config file", lock_config=True)
-    wd_flag = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard and grids (local or gs://)")
+    cfg_flag = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    wd_flag = flags.DEFINE_string("workdir", None, workdir_help)
 
     def _main(argv):
         if len(argv) > 1:
@@ -273,10 +275,15 @@ def main() -> None:
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
-        run_from_config(cfg_flag.value, wd_flag.value)
+        run_fn(cfg_flag.value, wd_flag.value)
 
     maybe_initialize_distributed()
     app.run(_main)
+
+
+def main() -> None:
+    run_entry(run_from_config, "distillation config file",
+              "checkpoints, TensorBoard and grids (local or gs://)")
 
 
 if __name__ == "__main__":

@@ -377,24 +377,10 @@ def run_gan_from_config(config, workdir: str) -> None:
 
 def main() -> None:
     """python -m softdimo_jax.training.refine_stages --config=configs/maskbit_imagenet256_gan.py --workdir=..."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from softdimo_jax.training.distill_stage import run_entry
 
-    from softdimo_jax.training.distill_stage import maybe_initialize_distributed
-
-    cfg_flag = config_flags.DEFINE_config_file("config", None, "GAN-phase config file", lock_config=True)
-    wd_flag = flags.DEFINE_string("workdir", None, "the distillation workdir (reads distill/, writes gan/)")
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        if cfg_flag.value is None or not wd_flag.value:
-            raise app.UsageError("--config and --workdir are required")
-        logging.set_verbosity(logging.WARNING)
-        run_gan_from_config(cfg_flag.value, wd_flag.value)
-
-    maybe_initialize_distributed()
-    app.run(_main)
+    run_entry(run_gan_from_config, "GAN-phase config file",
+              "the distillation workdir (reads distill/, writes gan/)")
 
 
 if __name__ == "__main__":
