@@ -472,13 +472,19 @@ class Distiller:
         z_t = jax.lax.stop_gradient(z_t / cfg.teacher_temperature)
         z_a = jax.lax.stop_gradient(a.student_logits(state.aux_params, labels, tokens=x_t, rng=k_aux))
         cot = jeffreys_grad(z_t, z_a, mask, cfg.beta) / b
-        (grads,) = vjp(cot.astype(z_gen.dtype))
         fkl, rkl = divergences(z_t, z_a, mask)
         stats = {"fkl": fkl, "rkl": rkl, "mask_frac": jnp.mean(mask.astype(jnp.float32)),
                  "gen_loss": 0.5 * b * jnp.sum(cot**2),
                  # g zeroes non-finite values, so watch the logits themselves (NaN guard).
                  "gen_logit_absmean": jnp.mean(jnp.abs(z_gen.astype(jnp.float32)))}
+        cot, stats = self.combine_cotangent(cot, z_gen, labels, rng, stats)
+        (grads,) = vjp(cot.astype(z_gen.dtype))
         return grads, cot, z_gen, stats
+
+    def combine_cotangent(self, cot, z_gen, labels, rng, stats):
+        """Hook for phases that add a loss on z_θ (GAN, reward): their ∂L/∂z_θ joins the Di[M]O
+        cotangent so one generator backward serves both. Plain Di[M]O: unchanged."""
+        return cot, stats
 
     def _step_fn(self, state: DistillState, teacher_params, rng, conditions=None):
         cfg, a = self.config, self.adapter

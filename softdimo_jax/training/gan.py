@@ -209,24 +209,9 @@ def _refine_distiller_cls():
             self.extra = None
             self.extra_out = None
 
-        def generator_cotangent(self, state, teacher_params, rng, conditions=None):
-            # Steps 1-5 of Distiller.generator_cotangent (same rng use), plus the extra term.
-            cfg, a = self.config, self.adapter
-            b = int(cfg.batch_size)
-            k_in, k_drop, k_sample, k_mask, k_aux = jax.random.split(rng, 5)
-            labels, tokens, k_eps = self.generator_inputs(state.gen_params, k_in, b, conditions)
-            z_gen, vjp = jax.vjp(
-                lambda p: self.generator_logits(p, labels, tokens, k_eps, k_drop), state.gen_params)
-            x_gen = self._sample(k_sample, jax.lax.stop_gradient(z_gen))
-            mask, x_t = self._mask(k_mask, x_gen)
-            z_t = distill.teacher_cfg_logits(a, teacher_params, x_t, labels, cfg.cfg_scale, cfg.cfg_formula)
-            z_t = jax.lax.stop_gradient(z_t / cfg.teacher_temperature)
-            z_a = jax.lax.stop_gradient(a.student_logits(state.aux_params, labels, tokens=x_t, rng=k_aux))
-            cot_dimo = distill.jeffreys_grad(z_t, z_a, mask, cfg.beta) / b
-            fkl, rkl = distill.divergences(z_t, z_a, mask)
-            stats = {"fkl": fkl, "rkl": rkl, "mask_frac": jnp.mean(mask.astype(jnp.float32)),
-                     "dimo_loss": 0.5 * b * jnp.sum(cot_dimo**2),
-                     "gen_logit_absmean": jnp.mean(jnp.abs(z_gen.astype(jnp.float32)))}
+        def combine_cotangent(self, cot_dimo, z_gen, labels, rng, stats):
+            # Distiller.generator_cotangent computed steps 1-5; add the extra term's gradient.
+            stats["dimo_loss"] = stats.pop("gen_loss")
             cot = self.w_dimo * cot_dimo
             if self.extra is not None:
                 z_sg = jax.lax.stop_gradient(z_gen).astype(jnp.float32)
@@ -240,8 +225,7 @@ def _refine_distiller_cls():
                 stats["dimo_cot_norm"] = jnp.sqrt(jnp.sum(cot_dimo**2))
                 self.extra_out = (x_aux, labels)
             stats["gen_loss"] = stats["dimo_loss"] * self.w_dimo + stats.get("extra_loss", 0.0)
-            (grads,) = vjp(cot.astype(z_gen.dtype))
-            return grads, cot, z_gen, stats
+            return cot, stats
 
         def init_from(self, dimo_state):
             """Phase start from a distilled state: θ, ψ and the EMA carried over, fresh
