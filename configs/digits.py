@@ -84,6 +84,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         class_dropout=0.1,
         mask_schedule="arccos",
         ema_decay=0.999,
+        ema_warmup=True,  # decay min(0.999, (1+step)/(10+step)): no trace of the random init
         checkpoint_every=500,
         log_every=100,
     )

@@ -49,6 +49,7 @@ def get_config(bits: str = "14") -> ml_collections.ConfigDict:
         class_dropout=0.1,
         mask_schedule="arccos",
         ema_decay=0.9999,
+        ema_warmup=True,
         checkpoint_every=10_000,
         log_every=50,
     )

@@ -42,6 +42,7 @@ import optax
 
 from softdimo_jax import parallel
 from softdimo_jax.models import lfq
+from softdimo_jax.training.ema import ema_rate
 
 # ----------------------------------------------------------------------------------------
 # Model adapter: how the algorithm talks to one teacher architecture.
@@ -276,11 +277,6 @@ def aux_cross_entropy(logits, targets, mask, label_smoothing: float):
     n = jnp.maximum(m.sum(), 1.0)
     acc = jnp.sum((jnp.argmax(logits, -1) == targets) * m) / n
     return jnp.sum(ce * m) / n, acc
-
-
-def ema_rate(step, ema_max: float):
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(ema_max, (1.0 + step) / (10.0 + step))
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ L·S sub-tokens is masked independently with probability r (per-split masking: t
 of one token are masked independently); class labels are replaced by the drop label with
 probability `class_dropout` (for classifier-free guidance); the loss is cross-entropy with
 label smoothing over ALL positions (masked and visible), as MaskBit trains.
-AdamW with linear warm-up and cosine decay; EMA of the parameters.
+AdamW with linear warm-up and cosine decay; EMA of the parameters (with `ema_warmup`, the
+decay ramps up as min(ema_decay, (1 + step) / (10 + step)) so the random initialisation
+does not linger in the average).
 
 Written once for every scale: a batch holds either precomputed token ids ("tokens",
 (B, L) full ids) or images ("image"), which the frozen tokenizer (passed in `frozen`)
@@ -23,7 +25,7 @@ import optax
 
 from softdimo_jax.models import lfq
 from softdimo_jax.models.maskbit_bert import LFQBert, maskbit_bert_from_config
-from softdimo_jax.training.trainer import Trainer, ema_update, make_optimizer
+from softdimo_jax.training.trainer import Trainer, ema_rate, ema_update, make_optimizer
 
 
 def mask_ratio(u, schedule: str = "arccos"):
@@ -101,7 +103,8 @@ def make_teacher_phase(model: LFQBert, cfg, tokenizer=None):
         params = optax.apply_updates(state["params"], updates)
         new = {"params": params, "opt": opt_state}
         if use_ema:
-            new["ema"] = ema_update(state["ema"], params, cfg.ema_decay)
+            decay = ema_rate(step, cfg.ema_decay) if cfg.get("ema_warmup", False) else cfg.ema_decay
+            new["ema"] = ema_update(state["ema"], params, decay)
         return new, {"loss": loss, "masked_accuracy": masked_acc, "grad_norm": optax.global_norm(grads)}
 
     return init_fn, step_fn

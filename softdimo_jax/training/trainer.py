@@ -39,7 +39,7 @@ A run is "complete" when the latest checkpoint's step equals `num_steps`: `run()
 restores (this is how the main command skips cached stages).
 
 Shared helpers for phases live here too: `make_optimizer` (AdamW/Adam, warm-up + cosine or
-constant, clipping), `ema_update`, and `TrainResult`.
+constant, clipping), `ema_rate`, `ema_update`, and `TrainResult`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import optax
 from softdimo_jax import parallel
 from softdimo_jax.training import checkpointing
 from softdimo_jax.training.checkpointing import CheckpointMismatchError, to_jsonable
+from softdimo_jax.training.ema import ema_rate, ema_update  # noqa: F401  (phases import them from here)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,11 +106,6 @@ def make_optimizer(
     if grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
     return opt
-
-
-def ema_update(ema, params, decay):
-    """ema ← decay·ema + (1 − decay)·params (decay may be a traced scalar)."""
-    return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
 
 
 def format_seconds(s: float) -> str:
