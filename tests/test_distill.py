@@ -275,7 +275,7 @@ def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
     hard = student.sampler_from_config(m, cfg, "hard", mesh)(ema, jax.random.PRNGKey(0), labels)["tokens"]
     assert hard.shape == (4, L, S) and int(hard.min()) >= 0 and int(hard.max()) < V
     soft = student.sampler_from_config(m, cfg, "soft", mesh)(ema, jax.random.PRNGKey(0), labels)["bits"]
-    assert soft.shape == (4, L, BITS) and float(jnp.abs(soft).max()) <= 1.0
+    assert soft.shape == (4, L, BITS) and float(jnp.abs(soft).max()) <= 1.0 + 1e-6  # expectation of ±1 bits, up to f32 round-off
     # The soft sample is the expectation of the same logits the hard sample is drawn from.
     a = distill.LFQBertAdapter.from_module(m, dropout=0.0)
     z = student.one_step_logits(a, ema, jax.random.split(jax.random.PRNGKey(0))[0], labels)
