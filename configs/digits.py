@@ -19,6 +19,7 @@ import ml_collections
 
 from softdimo_jax.training.distill_config import digits_distill_config
 from softdimo_jax.training.refine_config import add_digits_refine_configs
+from softdimo_jax.training.teacher_config import default_teacher_train_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -73,22 +74,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     )
     # lr 3e-3 and 4,000 steps: teacher@16 FD-digits 8.0 with the sampler below (at 2,500
     # steps: lr 1e-3 11.1, 2e-3 9.1, 3e-3 8.7, 5e-3 8.9).
-    c.teacher.train = dict(
-        num_steps=4000,
-        batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=200,
-        weight_decay=0.03,
-        b1=0.9,
-        b2=0.96,
-        grad_clip=1.0,
-        label_smoothing=0.1,
-        class_dropout=0.1,
-        mask_schedule="arccos",
-        ema_decay=0.999,
-        ema_warmup=True,  # decay min(0.999, (1+step)/(10+step)): no trace of the random init
-        checkpoint_every=500,
-        log_every=100,
+    c.teacher.train = default_teacher_train_config(
+        num_steps=4000, batch_size=64, learning_rate=3e-3, warmup_steps=200, weight_decay=0.03,
+        ema_decay=0.999, checkpoint_every=500, log_every=100,
     )
     # Teacher sampling for the evaluation rows (MaskBit's sampler; steps vary per row).
     c.sampler = dict(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from softdimo_jax.training.teacher_config import default_teacher_train_config
+
 from configs.maskbit import generator_config, tokenizer_config
 
 
@@ -36,22 +38,6 @@ def get_config(bits: str = "14") -> ml_collections.ConfigDict:
     model.dtype = "bfloat16"  # compute dtype; params and optimiser state stay float32
     model.remat = True
     c.teacher.model = model
-    c.teacher.train = dict(
-        num_steps=1_350_000,
-        batch_size=256,  # global
-        learning_rate=1e-4,
-        warmup_steps=5_000,
-        weight_decay=0.045,
-        b1=0.9,
-        b2=0.96,
-        grad_clip=1.0,
-        label_smoothing=0.1,
-        class_dropout=0.1,
-        mask_schedule="arccos",
-        ema_decay=0.9999,
-        ema_warmup=True,
-        checkpoint_every=10_000,
-        log_every=50,
-    )
+    c.teacher.train = default_teacher_train_config()  # MaskBit's ImageNet recipe
     c.lock()
     return c

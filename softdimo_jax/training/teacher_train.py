@@ -103,7 +103,7 @@ def make_teacher_phase(model: LFQBert, cfg, tokenizer=None):
         params = optax.apply_updates(state["params"], updates)
         new = {"params": params, "opt": opt_state}
         if use_ema:
-            decay = ema_rate(step, cfg.ema_decay) if cfg.get("ema_warmup", False) else cfg.ema_decay
+            decay = ema_rate(step, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay
             new["ema"] = ema_update(state["ema"], params, decay)
         return new, {"loss": loss, "masked_accuracy": masked_acc, "grad_norm": optax.global_norm(grads)}
 
