@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.models.clip_text import drop_to_null
+from softdimo_jax.training.distill import teacher_student_clones
 
 
 def _only_split(tokens):
@@ -59,13 +60,7 @@ class MaskGITAdapter:
     @classmethod
     def from_module(cls, module: nn.Module, *, dropout: float | None = None, dtype=None,
                     remat: bool | None = None) -> "MaskGITAdapter":
-        dtype = module.dtype if dtype is None else jnp.dtype(dtype)
-        teacher = module.clone(dtype=dtype, remat=False)
-        student = module.clone(
-            dtype=dtype,
-            dropout=module.dropout if dropout is None else float(dropout),
-            remat=module.remat if remat is None else bool(remat),
-        )
+        teacher, student = teacher_student_clones(module, dropout=dropout, dtype=dtype, remat=remat)
         return cls(teacher=teacher, student=student)
 
     num_tokens = property(lambda self: self.student.num_tokens)
@@ -130,9 +125,7 @@ class MaskGenAdapter:
                 f"null_condition must be (1, T, {module.text_embed_dim}) (the empty / negative prompt's "
                 f"penultimate OpenCLIP tokens), got {null_condition.shape}"
             )
-        dtype = module.dtype if dtype is None else jnp.dtype(dtype)
-        teacher = module.clone(dtype=dtype, remat=False)
-        student = module.clone(dtype=dtype, remat=module.remat if remat is None else bool(remat))
+        teacher, student = teacher_student_clones(module, dtype=dtype, remat=remat)  # no dropout field
         return cls(teacher, student, null_condition, null_pooled, float(aesthetic_score))
 
     num_tokens = property(lambda self: self.student.seq_len)

@@ -49,6 +49,19 @@ from softdimo_jax.training.ema import ema_rate
 # ----------------------------------------------------------------------------------------
 
 
+def teacher_student_clones(module: nn.Module, *, dropout: float | None = None, dtype=None,
+                           remat: bool | None = None):
+    """(teacher, student) copies of one module class for an adapter: both in `dtype` (default
+    the module's); the teacher never remats (no backward through it); the student takes
+    `remat` and `dropout` when given (None keeps the module's)."""
+    dtype = module.dtype if dtype is None else jnp.dtype(dtype)
+    teacher = module.clone(dtype=dtype, remat=False)
+    overrides = dict(dtype=dtype, remat=module.remat if remat is None else bool(remat))
+    if dropout is not None:
+        overrides["dropout"] = float(dropout)
+    return teacher, module.clone(**overrides)
+
+
 @dataclasses.dataclass(frozen=True)
 class LFQBertAdapter:
     """Wraps a MaskBit `LFQBert` for distillation.
@@ -74,13 +87,7 @@ class LFQBertAdapter:
     @classmethod
     def from_module(cls, module: nn.Module, *, dropout: float | None = None, dtype=None,
                     remat: bool | None = None, dropout_rng: str = "threefry") -> "LFQBertAdapter":
-        dtype = module.dtype if dtype is None else jnp.dtype(dtype)
-        teacher = module.clone(dtype=dtype, remat=False)
-        student = module.clone(
-            dtype=dtype,
-            dropout=module.dropout if dropout is None else float(dropout),
-            remat=module.remat if remat is None else bool(remat),
-        )
+        teacher, student = teacher_student_clones(module, dropout=dropout, dtype=dtype, remat=remat)
         if dropout_rng not in ("threefry", "rbg", "unsafe_rbg"):
             raise ValueError(f"dropout_rng must be 'threefry', 'rbg' or 'unsafe_rbg', got {dropout_rng!r}")
         return cls(teacher=teacher, student=student, dropout_rng=dropout_rng)
