@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.models import lfq
+from softdimo_jax.models.lean_grads import attention_mix, dense, gelu_dense
 
 _LN_EPS = 1e-12  # every LayerNorm of the original uses eps 1e-12
 
@@ -94,8 +95,11 @@ class Dropout(nn.Module):
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         keep = 1.0 - self.rate
-        mask = bernoulli_threefry(self.make_rng("dropout"), keep, x.shape)
-        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+        return jax.lax.select(self.keep_mask(x.shape), x / keep, jnp.zeros_like(x))
+
+    def keep_mask(self, shape):
+        """The boolean mask `__call__` would apply to an array of `shape` (rate < 1)."""
+        return bernoulli_threefry(self.make_rng("dropout"), 1.0 - self.rate, shape)
 
 
 class SelfAttention(nn.Module):
@@ -116,7 +120,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"hidden_dim {self.dim} is not divisible by heads {self.heads}")
         b, n, _ = x.shape
         hd = self.dim // self.heads
-        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="in_proj")(x)
+        qkv = LeanDense(3 * self.dim, dtype=self.dtype, name="in_proj")(x)
         # Heads-major (3, B, h, L, hd) once: both attention products then run as plain
         # batched matmuls over (B, h); with (B, L, h, hd) operands XLA:CPU's batched dots ran
         # at half the speed (the probs @ v product most of all), in forward and backward.
@@ -126,11 +130,36 @@ class SelfAttention(nn.Module):
         # (B, h, L, L), and XLA:CPU's fused attention kernel would otherwise take the scale
         # as a materialised (B, h, L, L) broadcast. Softmax runs in float32 for bf16 compute.
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * (1.0 / math.sqrt(hd)), k)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        # torch's MultiheadAttention applies its dropout to the attention weights.
-        probs = Dropout(self.dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, n, self.dim)
-        return nn.Dense(self.dim, dtype=self.dtype, name="out_proj")(out)
+        if deterministic or self.dropout == 0.0:
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        elif self.dropout == 1.0:
+            out = jnp.zeros_like(v)
+        else:
+            # torch's MultiheadAttention applies its dropout to the attention weights.
+            # attention_mix's backward keeps the weights and the boolean mask, not also
+            # the dropped weights (one (B, h, L, L) float tensor less per layer).
+            keep = Dropout(self.dropout).keep_mask(logits.shape)
+            out = attention_mix(logits, v, keep, 1.0 - self.dropout)
+        out = out.transpose(0, 2, 1, 3).reshape(b, n, self.dim)
+        return LeanDense(self.dim, dtype=self.dtype, name="out_proj")(out)
+
+
+class LeanDense(nn.Dense):
+    """`nn.Dense` with a bias (same parameters, initialisers and forward values) whose
+    backward keeps fewer activations alive; with `gelu_input` it applies to gelu(inputs)
+    and keeps only `inputs` (see `lean_grads`)."""
+
+    gelu_input: bool = False
+
+    @nn.compact
+    def __call__(self, inputs):
+        if not self.use_bias:
+            raise ValueError("LeanDense needs use_bias=True")
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        return (gelu_dense if self.gelu_input else dense)(inputs, kernel, bias)
 
 
 class BertLayer(nn.Module):
@@ -152,10 +181,10 @@ class BertLayer(nn.Module):
         drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
         attn = SelfAttention(self.dim, self.heads, self.dropout, self.dtype, name="attn")
         attn_norm = _layer_norm("attn_norm", self.dtype)
-        fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_fc1")
-        fc2 = nn.Dense(self.dim, dtype=self.dtype, name="mlp_fc2")
+        fc1 = LeanDense(self.mlp_dim, dtype=self.dtype, name="mlp_fc1")
+        fc2 = LeanDense(self.dim, dtype=self.dtype, gelu_input=True, name="mlp_fc2")  # fc2(gelu(.))
         mlp_norm = _layer_norm("mlp_norm", self.dtype)
-        mlp = lambda y: drop(fc2(_gelu(fc1(y))))
+        mlp = lambda y: drop(fc2(fc1(y)))
         if self.use_prenorm:
             x = x + drop(attn(attn_norm(x), deterministic))
             return x + mlp(mlp_norm(x))
