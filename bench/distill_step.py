@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     opts = {}
     if args.lean and jax.default_backend() == "cpu":
         # XLA:CPU's memory-optimised schedule: ~20% fewer temporaries (S: 393 -> 310 MB),
-        # ~5% slower on S and ~30% on T (less overlap of independent ops).
+        # ~10% slower on S and ~30% on T (less overlap of independent ops).
         opts["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
         # One LLVM module for the whole step instead of several compiled side by side:
         # ~100 MB lower peak while compiling, and no slower to compile on 2 cores.

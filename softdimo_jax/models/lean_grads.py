@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)  # torch.nn.GELU() default: exact erf GELU
+def exact_gelu(x):
+    """torch.nn.GELU()'s default: the exact erf GELU."""
+    return jax.nn.gelu(x, approximate=False)
 
 
 def _gelu_grad(x):
@@ -91,12 +92,12 @@ def _make_dense(activation, activation_grad):
 
 dense = _make_dense(_identity, None)
 dense.__doc__ = "x @ w + b over x's last axis (see `_make_dense` for the backward)."
-gelu_dense = _make_dense(_gelu, _gelu_grad)
+gelu_dense = _make_dense(exact_gelu, _gelu_grad)
 gelu_dense.__doc__ = "gelu(x) @ w + b over x's last axis; the backward keeps only x and w."
 
 
-def _softmax_f32(logits, dtype):
-    # Softmax in float32 for bf16 compute, as the attention has always done.
+def softmax_f32(logits, dtype):
+    """Softmax over the last axis in float32 (also for bf16 compute), cast to dtype."""
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
 
@@ -110,14 +111,14 @@ def attention_mix(logits, v, keep_mask, keep_prob: float):
 
     keep_mask (B, h, Lq, Lk) bool: where the dropout keeps a weight (kept weights are
     scaled by 1/keep_prob, as torch's dropout does). logits and v share one dtype."""
-    probs = _drop(_softmax_f32(logits, v.dtype), keep_mask, keep_prob)
+    probs = _drop(softmax_f32(logits, v.dtype), keep_mask, keep_prob)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def _attention_mix_fwd(logits, v, keep_mask, keep_prob):
     if logits.dtype != v.dtype:
         raise TypeError(f"attention_mix: logits ({logits.dtype}) and v ({v.dtype}) must share a dtype")
-    probs = _softmax_f32(logits, v.dtype)
+    probs = softmax_f32(logits, v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", _drop(probs, keep_mask, keep_prob), v)
     return out, (probs, v, keep_mask)
 

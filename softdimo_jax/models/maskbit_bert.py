@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.models import lfq
-from softdimo_jax.models.lean_grads import attention_mix, dense, gelu_dense
+from softdimo_jax.models.lean_grads import attention_mix, dense, exact_gelu, gelu_dense, softmax_f32
 
 _LN_EPS = 1e-12  # every LayerNorm of the original uses eps 1e-12
 
@@ -30,10 +30,6 @@ _LN_EPS = 1e-12  # every LayerNorm of the original uses eps 1e-12
 def _layer_norm(name: str, dtype) -> nn.LayerNorm:
     # use_fast_variance=False: the two-pass variance matches PyTorch to float32 round-off.
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, use_fast_variance=False, name=name)
-
-
-def _gelu(x):
-    return nn.gelu(x, approximate=False)  # torch.nn.GELU() default: exact erf GELU
 
 
 # Threefry-2x32 (20 rounds), unrolled. jax lowers its threefry primitive on CPU as a rolled
@@ -131,8 +127,7 @@ class SelfAttention(nn.Module):
         # as a materialised (B, h, L, L) broadcast. Softmax runs in float32 for bf16 compute.
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * (1.0 / math.sqrt(hd)), k)
         if deterministic or self.dropout == 0.0:
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-            out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+            out = jnp.einsum("bhqk,bhkd->bhqd", softmax_f32(logits, v.dtype), v)
         elif self.dropout == 1.0:
             out = jnp.zeros_like(v)
         else:
@@ -334,7 +329,7 @@ class LFQBert(nn.Module):
             features.append(x)
         if self.use_prenorm:
             x = self.final_norm(x)
-        x = self.last_norm(_gelu(self.last_dense(x)))
+        x = self.last_norm(exact_gelu(self.last_dense(x)))
         logits = self.prediction(x[:, : self.num_tokens])
         logits = logits.reshape(b, self.num_tokens, self.splits, self.vocab_size).astype(jnp.float32)
         if return_features:

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from softdimo_jax.models.lean_grads import exact_gelu
+
 _LN_EPS_OUTER = 1e-12  # first_layer / last_layer LayerNorms (BERT eps)
 _LN_EPS_BLOCK = 1e-5  # PreNorm's nn.LayerNorm(dim) keeps torch's default eps
 
@@ -46,10 +48,6 @@ def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
     # Two-pass variance and float32 statistics: matches PyTorch to float32 round-off, also
     # when the surrounding compute runs in bf16.
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-def _gelu(x):
-    return nn.gelu(x, approximate=False)  # torch.nn.GELU(): exact erf form
 
 
 def perturb_embeddings(embeddings, sigma: float, key):
@@ -108,7 +106,7 @@ class PreNormLayer(nn.Module):
         h = _layer_norm(_LN_EPS_BLOCK, "attn_norm")(x).astype(self.dtype)
         x = x + SelfAttention(self.dim, self.heads, self.dropout, self.dtype, name="attn")(h, deterministic)
         h = _layer_norm(_LN_EPS_BLOCK, "mlp_norm")(x).astype(self.dtype)
-        h = _gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_fc1")(h))
+        h = exact_gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_fc1")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = nn.Dense(self.dim, dtype=self.dtype, name="mlp_fc2")(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
@@ -260,7 +258,7 @@ class MaskGITTransformer(nn.Module):
         x = x + self.pos_emb
 
         x = self.drop(self.first_norm_0(x), deterministic=deterministic).astype(self.dtype)
-        x = _gelu(self.first_dense_0(x))
+        x = exact_gelu(self.first_dense_0(x))
         x = self.drop(self.first_norm_1(x), deterministic=deterministic).astype(self.dtype)
         x = self.first_dense_1(x)
 
@@ -270,7 +268,7 @@ class MaskGITTransformer(nn.Module):
             features.append(x)
 
         x = self.drop(self.last_norm_0(x), deterministic=deterministic).astype(self.dtype)
-        x = self.last_norm_1(_gelu(self.last_dense(x)))
+        x = self.last_norm_1(exact_gelu(self.last_dense(x)))
 
         # Tied head, computed only for the kept positions and rows.
         k = self.num_logits
