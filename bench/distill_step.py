@@ -17,7 +17,6 @@ Reference: the official PyTorch Di[M]O step (fp32, eager) on the 2-core machine:
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import resource
 import statistics
@@ -127,9 +126,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from softdimo_jax.models.maskbit_bert import LFQBert
-    from softdimo_jax.parallel import make_mesh
-    from softdimo_jax.training import distill
-    from softdimo_jax.training.distill_config import default_distill_config
+    from softdimo_jax.runtime.mesh import make_mesh
+    from softdimo_jax.core.adapters import make_adapter
+    from softdimo_jax.core.defaults import default_distill_config
+    from softdimo_jax.core.dimo import Distiller
+    from softdimo_jax.pipelines.phases import distill_trainer
 
     c = dict(CONFIGS[args.config])
     batch = args.batch or c.pop("batch")
@@ -161,8 +162,11 @@ def main(argv=None) -> int:
     for item in args.xla_option:
         k, v = item.split("=", 1)
         opts[k] = {"true": True, "false": False}.get(v.lower(), v)
-    d = distill.Distiller(distill.make_adapter(model, cfg), cfg, mesh, compiler_options=opts or None)
+    d = Distiller(make_adapter(model, cfg), cfg, mesh)
     teacher = d.place_teacher(params)
+    # The step exactly as a training run compiles it: the distill phase's Trainer
+    # (runtime.trainer.jit_train_step: fold_in(seed, step) rng, donated state, shardings).
+    trainer = distill_trainer(d, teacher, None, compiler_options=opts or None)
     state = d.init_state(teacher)
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
@@ -174,12 +178,10 @@ def main(argv=None) -> int:
         _malloc_trim()
     rss["init"] = rss_now_mb()
 
-    rng = jax.random.PRNGKey(1)
-    # Class-label adapters draw their labels in the step: no conditions batch (None) where
-    # the step takes one.
-    extra = (None,) if "conditions" in inspect.signature(d.step).parameters else ()
+    # Class-label adapters draw their labels in the step: the batch is None.
+    args = (None, jnp.asarray(0, jnp.int32), trainer.frozen)
     t0 = time.perf_counter()
-    compiled = d.jit_step(teacher).lower(state, teacher, rng, *extra).compile()
+    compiled = trainer.compiled_step().lower(state, *args).compile()
     t_compile = time.perf_counter() - t0
     rss_compile_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.trim:
@@ -199,12 +201,12 @@ def main(argv=None) -> int:
     xla_flops = float((cost or {}).get("flops", 0.0)) * (1 if args.num_devices == 1 else 1)
     model_flops = analytic_flops(c, batch)
 
-    state, m = compiled(state, teacher, rng, *extra)  # warm-up iteration
+    state, m = compiled(state, *args)  # warm-up iteration
     jax.block_until_ready(m)
     times, cpu = [], []
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, m = compiled(state, teacher, rng, *extra)
+        state, m = compiled(state, *args)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.conversion.inception import inception_expected_params, load_inception
 from softdimo_jax.evaluation.fid import InceptionFeatureExtractor
 from softdimo_jax.models.inception import FIDInceptionV3
@@ -50,7 +50,7 @@ def main() -> None:
     precision = None if args.precision == "default" else "highest"
     model = FIDInceptionV3(precision=precision)
     params = load_inception(args.checkpoint, model) if args.checkpoint else random_params(model)
-    mesh = parallel.make_mesh(args.num_devices)
+    mesh = meshlib.make_mesh(args.num_devices)
     ex = InceptionFeatureExtractor(params, mesh=mesh, batch_size=args.batch, model=model)
     images = np.random.default_rng(1).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
 

@@ -2,7 +2,7 @@
 
     python -m softdimo_jax.convert --model maskbit_generator --bits 14 maskbit_generator_14bit.bin ckpt/gen14
     python -m softdimo_jax.convert --model maskbit_tokenizer --bits 14 maskbit_tokenizer_14bit.bin ckpt/tok14
-    python -m softdimo_jax.training.distill_stage --config=configs/maskbit_imagenet256_distill.py \\
+    python -m softdimo_jax.main --config=configs/maskbit_imagenet256_distill.py \\
         --workdir=gs://BUCKET/dimo_maskbit14 \\
         --config.teacher_checkpoint=gs://BUCKET/ckpt/gen14 --config.tokenizer_checkpoint=gs://BUCKET/ckpt/tok14
     launch/tpu_train.sh (TPU pods) and launch/gpu_train.sh (GPU hosts) run the same command.
@@ -21,19 +21,20 @@ MaskBit specifics: CFG in MaskBit's form c + s(c − u) (`cfg_formula='cond_plus
 Di[M]O code base guides MaskGIT as u + w(c − u) with w = 2; with 'cond_plus' the same
 guided logits are s = w − 1 = 1.0, which is the default here. MaskBit trains with each split
 masked independently, so the forward mask is per split; the initial state masks whole
-tokens (all splits), see softdimo_jax/training/distill.py.
+tokens (all splits), see softdimo_jax/core/dimo.py.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from softdimo_jax.training.distill_config import default_distill_config
+from softdimo_jax.core.defaults import default_distill_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     preset = preset or "dimo"
     c = ml_collections.ConfigDict()
+    c.pipeline = "distill"  # the softdimo_jax.pipelines entry that python -m softdimo_jax.main runs
     c.preset = preset
     # Written by `python -m softdimo_jax.convert` (orbax + the module config).
     c.teacher_checkpoint = ""

@@ -2,7 +2,7 @@
 
 Runs after configs/maskbit_imagenet256_distill.py in the same workdir:
 
-    python -m softdimo_jax.training.refine_stages --config=configs/maskbit_imagenet256_gan.py \\
+    python -m softdimo_jax.main --config=configs/maskbit_imagenet256_gan.py \\
         --workdir=gs://BUCKET/dimo_maskbit14 \\
         --config.teacher_checkpoint=gs://BUCKET/ckpt/gen14 --config.tokenizer_checkpoint=gs://BUCKET/ckpt/tok14
 
@@ -23,7 +23,7 @@ import os
 
 import ml_collections
 
-from softdimo_jax.training.refine_config import default_gan_config
+from softdimo_jax.core.defaults import default_gan_config
 
 
 def _distill_config(preset: str):
@@ -38,6 +38,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # The distillation settings must match the run in this workdir (its state is restored).
     c = _distill_config(preset).copy_and_resolve_references()
     c.unlock()
+    c.pipeline = "gan"  # GAN refinement of the distilled state in the same workdir
     c.data = ml_collections.ConfigDict(dict(name="imagenet2012", split="train", data_dir="", image_size=256))
 
     g = default_gan_config()

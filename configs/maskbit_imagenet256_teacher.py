@@ -1,7 +1,7 @@
 """Training a MaskBit teacher (LFQBert, 14 bits) on ImageNet 256 from scratch (not run here).
 
     python -m softdimo_jax.convert --model maskbit_tokenizer --bits 14 maskbit_tokenizer_14bit.bin ckpt/tok14
-    python -m softdimo_jax.training.teacher_train --config=configs/maskbit_imagenet256_teacher.py \\
+    python -m softdimo_jax.main --config=configs/maskbit_imagenet256_teacher.py \\
         --workdir=gs://BUCKET/maskbit14_teacher --config.tokenizer_checkpoint=gs://BUCKET/ckpt/tok14 \\
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from softdimo_jax.training.teacher_config import default_teacher_train_config
+from softdimo_jax.core.defaults import default_teacher_train_config
 
 from configs.maskbit import generator_config, tokenizer_config
 
@@ -27,6 +27,7 @@ from configs.maskbit import generator_config, tokenizer_config
 def get_config(bits: str = "14") -> ml_collections.ConfigDict:
     bits = int(bits or 14)
     c = ml_collections.ConfigDict()
+    c.pipeline = "teacher"  # the softdimo_jax.pipelines entry that python -m softdimo_jax.main runs
     c.seed = 42
     c.tokenizer_checkpoint = ""  # a `softdimo_jax.convert` directory (frozen tokenizer)
     c.tokenizer = tokenizer_config(bits)

@@ -3,7 +3,7 @@
     python -m softdimo_jax.convert --model maskgen_vq maskgen_vq_l.bin ckpt/maskgen
     python -m softdimo_jax.convert --model tatitok tatitok_bl128_vq.bin ckpt/tatitok
     python -m softdimo_jax.convert --model clip_text open_clip_vit_l_14_336.bin ckpt/clip_text
-    python -m softdimo_jax.training.distill_stage --config=configs/maskgen_t2i_distill.py \\
+    python -m softdimo_jax.main --config=configs/maskgen_t2i_distill.py \\
         --workdir=gs://BUCKET/dimo_maskgen --config.prompt_file=gs://BUCKET/prompts.txt \\
         --config.teacher_checkpoint=... --config.text_encoder_checkpoint=... --config.tokenizer_checkpoint=...
     # TPU slice: CONFIG=configs/maskgen_t2i_distill.py launch/tpu_train.sh --config.prompt_file=... ...
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from softdimo_jax.training.distill_config import REFERENCE_FROZEN, default_distill_config
+from softdimo_jax.core.defaults import REFERENCE_FROZEN, default_distill_config
 
 # The negative prompt of Di[M]O's Meissonic distillation (its teacher's unconditional branch).
 NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
@@ -40,6 +40,7 @@ NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, wat
 def get_config(devices: str = "8") -> ml_collections.ConfigDict:
     n = int(devices or 8)
     c = ml_collections.ConfigDict()
+    c.pipeline = "distill"  # the softdimo_jax.pipelines entry that python -m softdimo_jax.main runs
     c.teacher_family = "maskgen_vq"
     c.teacher_checkpoint = ""  # converted maskgen_vq_l.bin
     c.text_encoder_checkpoint = ""  # converted OpenCLIP ViT-L-14-336 text tower (clip_text)

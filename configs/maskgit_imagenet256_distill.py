@@ -2,7 +2,7 @@
 
     python -m softdimo_jax.convert --model maskgit_transformer MaskGIT_ImageNet_256.pth ckpt/maskgit
     python -m softdimo_jax.convert --model taming_vqgan last.ckpt ckpt/vqgan
-    python -m softdimo_jax.training.distill_stage --config=configs/maskgit_imagenet256_distill.py \\
+    python -m softdimo_jax.main --config=configs/maskgit_imagenet256_distill.py \\
         --workdir=gs://BUCKET/dimo_maskgit \\
         --config.teacher_checkpoint=gs://BUCKET/ckpt/maskgit --config.tokenizer_checkpoint=gs://BUCKET/ckpt/vqgan
     # TPU slice: CONFIG=configs/maskgit_imagenet256_distill.py TPU_NAME=... ZONE=... WORKDIR=gs://... \\
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from softdimo_jax.training.distill_config import REFERENCE_FROZEN, default_distill_config
+from softdimo_jax.core.defaults import REFERENCE_FROZEN, default_distill_config
 
 
 def get_config(devices: str = "8") -> ml_collections.ConfigDict:
@@ -31,6 +31,7 @@ def get_config(devices: str = "8") -> ml_collections.ConfigDict:
     (N = devices of the run, default 8)."""
     n = int(devices or 8)
     c = ml_collections.ConfigDict()
+    c.pipeline = "distill"  # the softdimo_jax.pipelines entry that python -m softdimo_jax.main runs
     c.teacher_family = "maskgit_transformer"  # checked against the converted checkpoint
     c.teacher_checkpoint = ""  # `python -m softdimo_jax.convert --model maskgit_transformer ...`
     c.tokenizer_checkpoint = ""  # `... --model taming_vqgan ...` (for the sample grid)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the distillation on one GPU host (one process drives all its GPUs) or, with
+# Runs `python -m softdimo_jax.main --config=$CONFIG` on one GPU host (one process drives all its GPUs) or, with
 # NUM_PROCESSES > 1, as one process of a multi-host job (run it on every host with its
 # PROCESS_ID; process 0's address is COORDINATOR).
 #
@@ -9,8 +9,8 @@
 # Arguments are passed through to the Python entry point (config overrides).
 # Environment:
 #   WORKDIR (required)   local, shared or gs:// directory
-#   CONFIG               default configs/maskbit_imagenet256_distill.py
-#   ENTRY                default softdimo_jax.training.distill_stage (softdimo_jax.main: digits)
+#   CONFIG               default configs/maskbit_imagenet256_distill.py; its `pipeline` key picks
+#                        the phase (teacher, distill per family, gan, digits)
 #   NUM_GPUS             GPUs of this host to use (default: all visible)
 #   NUM_PROCESSES, PROCESS_ID, COORDINATOR (host:port)   multi-host only
 #   PYTHON               default python3
@@ -19,7 +19,6 @@ set -euo pipefail
 
 : "${WORKDIR:?set WORKDIR to the run directory}"
 CONFIG="${CONFIG:-configs/maskbit_imagenet256_distill.py}"
-ENTRY="${ENTRY:-softdimo_jax.training.distill_stage}"
 PYTHON="${PYTHON:-python3}"
 NUM_PROCESSES="${NUM_PROCESSES:-1}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -39,7 +38,7 @@ if (( NUM_PROCESSES > 1 )); then
 fi
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cmd=(env "${env_vars[@]}" "$PYTHON" -m "$ENTRY" "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
+cmd=(env "${env_vars[@]}" "$PYTHON" -m softdimo_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
 if [[ "$DRY_RUN" == "1" ]]; then
   printf '+ cd %q &&' "$repo_root"; printf ' %q' "${cmd[@]}"; printf '\n'
 else

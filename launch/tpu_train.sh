@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the distillation (or any softdimo_jax entry point) on every worker of a Cloud TPU VM
+# Runs `python -m softdimo_jax.main --config=$CONFIG` on every worker of a Cloud TPU VM
 # slice: the same command on all hosts, jax.distributed.initialize() on each (through
 # SOFTDIMO_DISTRIBUTED=1), checkpoints and logs in a gs:// workdir (only process 0 writes logs).
 #
@@ -13,9 +13,9 @@
 # Environment:
 #   TPU_NAME (required)      TPU VM name          ZONE (required)    PROJECT (optional)
 #   WORKDIR (required)       gs://... directory for checkpoints, TensorBoard, grids
-#   CONFIG                   default configs/maskbit_imagenet256_distill.py
-#   ENTRY                    python module, default softdimo_jax.training.distill_stage
-#                            (softdimo_jax.main runs the digits pipeline instead)
+#   CONFIG                   default configs/maskbit_imagenet256_distill.py; its `pipeline` key picks
+#                            the phase (teacher: configs/maskbit_imagenet256_teacher.py, distill per
+#                            family, gan: configs/maskbit_imagenet256_gan.py, digits: configs/digits.py)
 #   CREATE=1                 create the slice first (ACCELERATOR_TYPE, RUNTIME_VERSION, SPOT=1)
 #   SYNC=1 (default)         copy this checkout (git archive of HEAD) to every worker
 #   SETUP=1 (default)        pip install the package and jax[tpu]==$JAX_VERSION (+ $PIP_EXTRA) on every worker
@@ -27,7 +27,6 @@ set -euo pipefail
 : "${ZONE:?set ZONE, e.g. us-central2-b}"
 : "${WORKDIR:?set WORKDIR to a gs:// directory}"
 CONFIG="${CONFIG:-configs/maskbit_imagenet256_distill.py}"
-ENTRY="${ENTRY:-softdimo_jax.training.distill_stage}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 REMOTE_DIR="${REMOTE_DIR:-softdimo_jax}"
@@ -78,7 +77,7 @@ if [[ "$SETUP" == "1" ]]; then
 fi
 
 # The training command, identical on every worker; overrides are quoted for the remote shell.
-cmd="cd $(printf '%q' "$REMOTE_DIR") && SOFTDIMO_DISTRIBUTED=1 python3 -m $ENTRY"
+cmd="cd $(printf '%q' "$REMOTE_DIR") && SOFTDIMO_DISTRIBUTED=1 python3 -m softdimo_jax.main"
 cmd+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
 for arg in "$@"; do
   cmd+=" $(printf '%q' "$arg")"

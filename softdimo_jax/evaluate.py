@@ -15,9 +15,9 @@ arr_0). The Inception checkpoint is pytorch-fid's or torch-fidelity's `.pth` (re
 PyTorch), or an `.npz` saved by `--save-inception-npz` (faster to load next time).
 Writes `<out>/metrics.json` and `<out>/samples_grid.png`.
 
-Generating samples from a teacher (N steps, CFG) or a student (1 step, hard/soft decode,
-TTEO) goes through `generate_sample_batches` below: the flags are parsed, but the hook is
-not wired to the samplers yet and says so.
+`--generator teacher|student` generates the samples instead, from a converted MaskBit
+teacher (N steps, CFG) or a one-step student (hard / soft decode) and its tokenizer,
+through `softdimo_jax.sample.generate_images` (`generate_sample_batches` below).
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ import time
 from typing import Iterator
 
 import numpy as np
+
+from softdimo_jax.conversion.inception import load_inception, save_params
+from softdimo_jax.evaluation import export
+from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, evaluate_images
+from softdimo_jax.evaluation.reference_stats import load_reference, reference_from_tfds, save_reference
+from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.runtime.converted import load_converted
+from softdimo_jax.sample import generate_images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +98,6 @@ def generate_sample_batches(args: argparse.Namespace) -> Iterator[tuple[np.ndarr
     if args.tteo_steps:
         raise SystemExit("error: --tteo-steps needs a reward model, which this CLI does not load; run "
                          "TTEO through softdimo_jax.sampling.tteo (the digits main job reports tteo rows)")
-    from softdimo_jax.convert import load_converted
-
     # Loaded eagerly (not inside the generator below) so a bad checkpoint fails at once.
     gen_model, gen_params = load_converted(args.checkpoint)
     tok_model, tok_params = load_converted(args.tokenizer)
@@ -99,9 +105,6 @@ def generate_sample_batches(args: argparse.Namespace) -> Iterator[tuple[np.ndarr
 
 
 def _generated_batches(args, gen_model, gen_params, tok_model, tok_params):
-    from softdimo_jax.evaluation import export
-    from softdimo_jax.sample import generate_images
-
     n = args.num_samples or 50_000
     labels = export.class_balanced_labels(n, args.num_classes)
     kwargs = {}
@@ -134,17 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     # Load the generator before the (slow) Inception set-up, so a bad checkpoint fails fast.
     generated = generate_sample_batches(args) if args.samples is None and args.generator else None
 
-    from softdimo_jax import parallel
-    from softdimo_jax.conversion.inception import load_inception, save_params
-    from softdimo_jax.evaluation import export
-    from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, evaluate_images
-    from softdimo_jax.evaluation.reference_stats import load_reference, reference_from_tfds, save_reference
-
     t0 = time.monotonic()
     params = load_inception(args.inception)
     if args.save_inception_npz:
         save_params(params, args.save_inception_npz)
-    mesh = parallel.make_mesh(args.num_devices)
+    mesh = meshlib.make_mesh(args.num_devices)
     extractor = InceptionFeatureExtractor(params, mesh=mesh, batch_size=args.batch_size,
                                           precision=None if args.precision == "default" else "highest")
     log = lambda m: print(m, file=sys.stderr, flush=True)

@@ -1,27 +1,33 @@
-"""The main command: the whole pipeline on the embedded digits default.
+"""The one training command: distributed initialisation, then the pipeline the config names.
 
-    python -m softdimo_jax.main --workdir=/tmp/digits
-    python -m softdimo_jax.main --config=configs/digits.py --workdir=/tmp/digits
+    python -m softdimo_jax.main --workdir=/tmp/digits                      # configs/digits.py
     python -m softdimo_jax.main --config=configs/digits.py:smoke --workdir=/tmp/smoke
     python -m softdimo_jax.main --workdir=DIR --config.teacher.train.num_steps=5000
+    python -m softdimo_jax.main --config=configs/maskbit_imagenet256_distill.py \\
+        --workdir=gs://BUCKET/run --config.teacher_checkpoint=gs://BUCKET/ckpt/gen14
 
-Stages are cached in the workdir (rerun to resume or to skip finished stages); results go
-to <workdir>/metrics.json and a table is printed at the end. See softdimo_jax/train.py.
+`config.pipeline` picks the pipeline (softdimo_jax.pipelines.registry.PIPELINES): digits, teacher,
+distill, gan. With SOFTDIMO_DISTRIBUTED=1 (set by launch/tpu_train.sh and
+launch/gpu_train.sh) `jax.distributed.initialize()` runs first on every host.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from softdimo_jax.pipelines.registry import PIPELINES
+from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
+from softdimo_jax.runtime.distributed import run_absl
+from softdimo_jax.runtime.trainer import NonFiniteLossError
+
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits.py"
 
 _CONFIG = None
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json")
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json (local or gs://)")
 
 
 def _clean_message(e: BaseException) -> str:
@@ -36,8 +42,8 @@ def define_config_flag():
     try:
         _CONFIG = config_flags.DEFINE_config_file(
             "config", str(DEFAULT_CONFIG),
-            "ml_collections config file (default: configs/digits.py); append ':smoke' for the "
-            "tiny preset",
+            "ml_collections config file (default: configs/digits.py); append ':PRESET' for a "
+            "preset (digits: ':smoke', the tiny one)",
             lock_config=True,
         )
     except (AttributeError, KeyError, ValueError, TypeError) as e:
@@ -48,6 +54,14 @@ def define_config_flag():
         )
 
 
+def pipeline_of(config):
+    name = config.get("pipeline")
+    if name not in PIPELINES:
+        raise app.UsageError(
+            f"config.pipeline is {name!r}; it must name one of {sorted(PIPELINES)} (set it in the config file)")
+    return PIPELINES[name]
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -55,12 +69,9 @@ def main(argv) -> int:
         raise app.UsageError("--workdir is required (where checkpoints and metrics.json go)")
     # Orbax logs every save at INFO; keep the console to our progress lines and warnings.
     logging.set_verbosity(logging.WARNING)
-    from softdimo_jax import train
-    from softdimo_jax.training.checkpointing import CheckpointMismatchError
-    from softdimo_jax.training.trainer import NonFiniteLossError
-
+    run = pipeline_of(_CONFIG.value)
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value)
     except (CheckpointMismatchError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -68,15 +79,10 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in sys.argv):
         sys.exit(f"error: the default config {DEFAULT_CONFIG} is missing; pass --config=PATH")
-    # On TPU pods (launch/tpu_train.sh sets SOFTDIMO_DISTRIBUTED=1): one process per host.
-    from softdimo_jax.training.distill_stage import maybe_initialize_distributed
-
-    maybe_initialize_distributed()
     define_config_flag()
-    app.run(main)
+    run_absl(main)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-# family -> "module:function"; each function takes a Fixture and returns a list of Check.
+# family (the names of `python -m softdimo_jax.convert --model`) -> "module:function"; each
+# function takes a Fixture and returns a list of Check.
 FAMILIES: dict[str, str] = {
-    "maskbit_bert": "softdimo_jax.parity_checks.maskbit:check_bert",
+    "maskbit_generator": "softdimo_jax.parity_checks.maskbit:check_bert",
     "maskbit_tokenizer": "softdimo_jax.parity_checks.maskbit:check_tokenizer",
     "maskgen_vq": "softdimo_jax.parity_checks.maskgen:check_maskgen_vq",
     "tatitok": "softdimo_jax.parity_checks.maskgen:check_tatitok",
     "clip_text": "softdimo_jax.parity_checks.maskgen:check_clip_text",
     "maskgit_transformer": "softdimo_jax.parity_checks.maskgit:check_transformer",
     "taming_vqgan": "softdimo_jax.parity_checks.maskgit:check_vqgan",
-    "inception_fid": "softdimo_jax.parity_checks.inception:check_inception",
+    "fid_inception": "softdimo_jax.parity_checks.inception:check_inception",
 }
+
+# Names the fixture files use for a family, where they differ from the convert names.
+FIXTURE_NAMES = {"maskbit_bert": "maskbit_generator", "inception_fid": "fid_inception"}
 
 # Max abs error allowed per kind of output (issue targets).
 TOLERANCES: dict[str, float] = {
@@ -96,6 +100,7 @@ def load_fixture(path: str) -> Fixture:
 
 
 def family_check(model: str) -> Callable[[Fixture], list[Check]]:
+    model = FIXTURE_NAMES.get(model, model)
     if model not in FAMILIES:
         raise ValueError(f"unknown fixture family {model!r}; known: {sorted(FAMILIES)}")
     mod_name, fn_name = FAMILIES[model].split(":")

@@ -5,7 +5,7 @@
       --labels 1,7,282,604 --num_steps 64 --out grid.png
 
 Checkpoints are the ones `python -m softdimo_jax.convert` writes (loaded through
-`softdimo_jax.convert.load_converted`). `--mode teacher` runs MaskBit's multi-step parallel
+`softdimo_jax.runtime.converted.load_converted`). `--mode teacher` runs MaskBit's multi-step parallel
 decoding (defaults = MaskBit's released ImageNet settings); `--mode student` samples the
 one-step Di[M]O generator in one forward (`--student_mode hard` tokens, or `soft`: the
 expected bits decoded directly), see SAMPLERS below. The batch is sharded over all visible
@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.models import lfq
 from softdimo_jax.sampling import maskbit_sampler
-from softdimo_jax.sampling.grid import save_image_grid
+from softdimo_jax.runtime.artifacts import save_image_grid
+from softdimo_jax.runtime.converted import load_converted
+from softdimo_jax.sampling import student
 
 FLAGS = flags.FLAGS
 D = maskbit_sampler.IMAGENET_DEFAULTS
@@ -73,8 +75,6 @@ def define_flags() -> None:
 
 def load_checkpoint(path: str, **runtime_overrides):
     """(model, params) from a checkpoint written by `python -m softdimo_jax.convert`."""
-    from softdimo_jax.convert import load_converted
-
     return load_converted(path, **runtime_overrides)
 
 
@@ -102,8 +102,6 @@ def student_sampler(model, mesh, sampler_kwargs: dict) -> Callable:
     fn(params, rng, labels) -> {"tokens": (B, L, S)} for the hard one-step sample, or
     {"bits": (B, L, num_bits)} expected ±1 bits for the soft decode.
     """
-    from softdimo_jax.sampling import student
-
     return student.sample_cli_hook(model, mesh, sampler_kwargs)
 
 
@@ -148,7 +146,7 @@ def generate_images(
     side = _check_models(gen_model, tok_model, labels)
     if mode not in SAMPLERS:
         raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(SAMPLERS)}")
-    mesh = parallel.make_mesh(num_devices)
+    mesh = meshlib.make_mesh(num_devices)
     sample = SAMPLERS[mode](gen_model, mesh, sampler_kwargs)
     chunk = max(mesh.size, -(-max(batch_size, 1) // mesh.size) * mesh.size)
     nbits, splits = gen_model.num_bits, gen_model.splits

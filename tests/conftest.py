@@ -10,13 +10,17 @@ import pathlib
 
 import pytest
 
-FIXTURES = pathlib.Path(
-    os.environ.get("SOFTDIMO_FIXTURES", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
-)
+# Parity fixtures ship with the tests (tests/fixtures); SOFTDIMO_FIXTURES points elsewhere.
+DEFAULT_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = pathlib.Path(os.environ.get("SOFTDIMO_FIXTURES") or DEFAULT_FIXTURES)
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"parity fixtures not found at {FIXTURES}; set SOFTDIMO_FIXTURES")
+        where = "SOFTDIMO_FIXTURES" if os.environ.get("SOFTDIMO_FIXTURES") else "default"
+        pytest.fail(
+            f"parity fixtures not found at {FIXTURES} ({where}); they are expected in tests/fixtures "
+            f"({DEFAULT_FIXTURES}), or in the folder named by the SOFTDIMO_FIXTURES environment variable"
+        )
     return FIXTURES

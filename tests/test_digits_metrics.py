@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.data import digits
 from softdimo_jax.evaluation.digits_classifier import train_classifier
 from softdimo_jax.evaluation.digits_metrics import DigitsEvaluator, format_table
@@ -40,7 +40,7 @@ def evaluator():
                           max_shift=1, log_every=150))
     tr_x, tr_y = digits.load_digits_split("train")
     te_x, te_y = digits.load_digits_split("test")
-    model, params, _ = train_classifier(cfg, tr_x, tr_y, None, mesh=parallel.make_mesh(1))
+    model, params, _ = train_classifier(cfg, tr_x, tr_y, None, mesh=meshlib.make_mesh(1))
     return DigitsEvaluator(model, params, te_x, te_y, train_images=tr_x)
 
 

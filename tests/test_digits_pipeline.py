@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from configs.digits import get_config
-from softdimo_jax import train
-from softdimo_jax.training.checkpointing import CheckpointMismatchError
+from softdimo_jax.pipelines import digits as train
+from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
 
 ROW_KEYS = {"fd_digits", "accuracy", "precision", "recall", "reward"}
 ALL_ROWS = {"teacher@1", "teacher@2", "dimo@1", "dimo_soft@1", "softdimo_gan@1", "gumbel_gan@1",
@@ -52,7 +52,7 @@ def test_smoke_pipeline_writes_everything(smoke_run):
     for stage in ("tokenizer", "teacher", "classifier"):
         assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", "4")), stage
     # The EMA student is exported in the converted format the sample/evaluate CLIs load.
-    from softdimo_jax.convert import load_converted
+    from softdimo_jax.runtime.converted import load_converted
 
     student, student_params = load_converted(os.path.join(workdir, "distill", "student"))
     assert student.num_bits == smoke_config().tokenizer.model.num_bits

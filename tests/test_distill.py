@@ -7,13 +7,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from softdimo_jax.models.maskbit_bert import LFQBert
-from softdimo_jax.parallel import make_mesh
-from softdimo_jax.training import distill
-from softdimo_jax.training.distill_config import default_distill_config
+from softdimo_jax.runtime.mesh import make_mesh
+from helpers import FAST, distill_stepper
+from softdimo_jax.core import adapters, dimo, masking, optim
+from softdimo_jax.core.defaults import default_distill_config
 
 L, S, BITS, B = 16, 2, 4, 8
 V = 2 ** (BITS // S)
-FAST = {"xla_backend_optimization_level": 0}  # compile time dominates these tiny steps
 
 
 def _model():
@@ -44,7 +44,7 @@ def _config(**kw):
 def one_device(teacher):
     m, params = teacher
     cfg = _config()
-    d = distill.Distiller(distill.make_adapter(m, cfg), cfg, make_mesh(1), compiler_options=FAST)
+    d = dimo.Distiller(adapters.make_adapter(m, cfg), cfg, make_mesh(1))
     return d, d.place_teacher(params)
 
 
@@ -58,7 +58,7 @@ def _logits(seed, shape=(B, L, S, V), scale=2.0):
 def test_fkl_gradient_is_closed_form():
     z_t, z_a = _logits(1), _logits(2)
     mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, (B, L, S))
-    g = distill.jeffreys_grad(z_t, z_a, mask, beta=0.0)
+    g = dimo.jeffreys_grad(z_t, z_a, mask, beta=0.0)
     want = jax.nn.softmax(z_a) - jax.nn.softmax(z_t)
     np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.where(mask[..., None], want, 0.0)), atol=1e-6)
     # It is the gradient of the masked forward KL(p_T || softmax(z)) at z = z_A.
@@ -71,11 +71,11 @@ def test_rkl_gradient_is_autodiff_of_reverse_kl():
     z_t, z_a = _logits(4), _logits(5)
     mask = jax.random.bernoulli(jax.random.PRNGKey(6), 0.5, (B, L, S))
     rkl = lambda z: jnp.sum(mask * jnp.sum(jax.nn.softmax(z) * (jax.nn.log_softmax(z) - jax.nn.log_softmax(z_t)), -1))
-    g1 = distill.jeffreys_grad(z_t, z_a, mask, beta=1.0)
+    g1 = dimo.jeffreys_grad(z_t, z_a, mask, beta=1.0)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(jax.grad(rkl)(z_a)), atol=1e-5)
     # Generalised Jeffreys: linear in beta between the two.
-    g0 = distill.jeffreys_grad(z_t, z_a, mask, beta=0.0)
-    g3 = distill.jeffreys_grad(z_t, z_a, mask, beta=0.3)
+    g0 = dimo.jeffreys_grad(z_t, z_a, mask, beta=0.0)
+    g3 = dimo.jeffreys_grad(z_t, z_a, mask, beta=0.3)
     np.testing.assert_allclose(np.asarray(g3), np.asarray(0.7 * g0 + 0.3 * g1), atol=1e-6)
 
 
@@ -84,7 +84,7 @@ def test_gradient_zero_unmasked_and_nonfinite_dropped():
     z_a = _logits(8)
     mask = jnp.ones((B, L, S), bool).at[0, 3].set(False)
     for beta in (0.0, 0.5, 1.0):
-        g = distill.jeffreys_grad(z_t, z_a, mask, beta)
+        g = dimo.jeffreys_grad(z_t, z_a, mask, beta)
         assert bool(jnp.all(jnp.isfinite(g)))
         np.testing.assert_array_equal(np.asarray(g[0, 3]), 0.0)
         np.testing.assert_array_equal(np.asarray(g[1, 2, 1]), 0.0)
@@ -99,7 +99,7 @@ def test_generator_gradient_is_vjp_of_g_over_batch(one_device):
     rng = jax.random.PRNGKey(11)
 
     def both(state, tparams):
-        grads, cot, _, _ = d.generator_cotangent(state, tparams, rng)
+        grads, cot, _, _, _ = d.generator_cotangent(state, tparams, rng)
         # Recompute the same z_θ (same rng split as generator_cotangent) and the surrogate.
         k_in, k_drop, *_ = jax.random.split(rng, 5)
         labels, tokens, k_eps = d.generator_inputs(state.gen_params, k_in, B)
@@ -111,7 +111,7 @@ def test_generator_gradient_is_vjp_of_g_over_batch(one_device):
 
         return grads, g, jax.grad(surrogate)(state.gen_params)
 
-    grads, g, want = jax.jit(both, compiler_options=FAST)(state, tparams)
+    grads, g, want = jax.jit(both)(state, tparams)
     assert g.shape == (B, L, S, V)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
@@ -128,8 +128,8 @@ def test_generator_gradient_is_vjp_of_g_over_batch(one_device):
 
 def test_initial_state_and_forward_mask_exact_counts(teacher):
     m, _ = teacher
-    a = distill.make_adapter(m, _config())
-    labels, tokens = distill.initial_tokens(jax.random.PRNGKey(0), 64, a, r_init=0.6)
+    a = adapters.make_adapter(m, _config())
+    labels, tokens = masking.initial_tokens(jax.random.PRNGKey(0), 64, a, r_init=0.6)
     k0 = round(0.6 * L)
     is_mask = np.asarray(tokens == a.mask_token)
     np.testing.assert_array_equal(is_mask.sum(1), k0)  # per sample and per split
@@ -138,47 +138,47 @@ def test_initial_state_and_forward_mask_exact_counts(teacher):
     assert int(tokens[~is_mask].max()) < V
 
     for mode in ("position", "split"):
-        msk = np.asarray(distill.forward_mask(jax.random.PRNGKey(1), 256, L, S, "arccos", mode))
+        msk = np.asarray(masking.forward_mask(jax.random.PRNGKey(1), 256, L, S, "arccos", mode))
         counts = msk.sum(1)  # (B, S)
         assert counts.min() >= 1 and counts.max() <= L
         np.testing.assert_array_equal(counts[:, 0], counts[:, 1])  # same k in every split
         same = (msk[..., 0] == msk[..., 1]).all()
         assert same if mode == "position" else not same
     # arccos: E[r] = 2/pi·∫arccos = 2/pi ≈ 0.64.
-    msk = np.asarray(distill.forward_mask(jax.random.PRNGKey(2), 4096, L, S, "arccos", "position"))
+    msk = np.asarray(masking.forward_mask(jax.random.PRNGKey(2), 4096, L, S, "arccos", "position"))
     assert abs(msk.mean() - 2 / np.pi) < 0.02
 
 
 def test_cfg_formulas(teacher):
     m, params = teacher
-    a = distill.make_adapter(m, _config())
+    a = adapters.make_adapter(m, _config())
     c, u = jnp.array([2.0, 1.0]), jnp.array([1.0, 3.0])
-    np.testing.assert_allclose(np.asarray(distill.cfg_combine(c, u, 2.0, "uncond_plus")), [3.0, -1.0])
-    np.testing.assert_allclose(np.asarray(distill.cfg_combine(c, u, 2.0, "cond_plus")), [4.0, -3.0])
+    np.testing.assert_allclose(np.asarray(dimo.cfg_combine(c, u, 2.0, "uncond_plus")), [3.0, -1.0])
+    np.testing.assert_allclose(np.asarray(dimo.cfg_combine(c, u, 2.0, "cond_plus")), [4.0, -3.0])
     with pytest.raises(ValueError, match="cfg_formula"):
-        distill.cfg_combine(c, u, 1.0, "nope")
+        dimo.cfg_combine(c, u, 1.0, "nope")
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, L, S), 0, V + 1)
     y = jnp.array([0, 2])
     zc = m.apply({"params": params}, tokens, y)
     zu = m.apply({"params": params}, tokens, y, drop_label_mask=jnp.ones(2, bool))
-    got = distill.teacher_cfg_logits(a, params, tokens, y, 2.0, "uncond_plus")
+    got = dimo.teacher_cfg_logits(a, params, tokens, y, 2.0, "uncond_plus")
     np.testing.assert_allclose(np.asarray(got), np.asarray(zu + 2.0 * (zc - zu)), atol=1e-4)
-    got = distill.teacher_cfg_logits(a, params, tokens, y, 0.5, "cond_plus")
+    got = dimo.teacher_cfg_logits(a, params, tokens, y, 0.5, "cond_plus")
     np.testing.assert_allclose(np.asarray(got), np.asarray(zc + 0.5 * (zc - zu)), atol=1e-4)
 
 
 def test_ema_rate_and_frozen_names(teacher):
-    np.testing.assert_allclose(float(distill.ema_rate(0, 0.9999)), 0.1)
-    np.testing.assert_allclose(float(distill.ema_rate(90, 0.9999)), 91 / 100)
-    np.testing.assert_allclose(float(distill.ema_rate(10**7, 0.9999)), 0.9999)
+    np.testing.assert_allclose(float(optim.ema_rate(0, 0.9999)), 0.1)
+    np.testing.assert_allclose(float(optim.ema_rate(90, 0.9999)), 91 / 100)
+    np.testing.assert_allclose(float(optim.ema_rate(10**7, 0.9999)), 0.9999)
     m, params = teacher
-    a = distill.make_adapter(m, _config())
-    pats = distill.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a)
+    a = adapters.make_adapter(m, _config())
+    pats = optim.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a)
     assert pats == ["input_proj", "prediction/bias", "pos_emb"]
-    labels = distill.frozen_labels(params, pats)
+    labels = optim.frozen_labels(params, pats)
     assert labels["prediction"] == {"bias": "frozen", "kernel": "trainable"}
     with pytest.raises(ValueError, match="matches no parameter"):
-        distill.resolve_frozen(params, ("token_embedding",), a)
+        optim.resolve_frozen(params, ("token_embedding",), a)
 
 
 # ---------------------------------------------------------------- the jitted step
@@ -192,8 +192,9 @@ def test_frozen_params_never_move_and_others_do(teacher, one_device):
     _, params = teacher
     d, tparams = one_device
     state = d.init_state(tparams)
-    for _ in range(2):
-        state, metrics = d.step(state, tparams, jax.random.PRNGKey(5))
+    step = distill_stepper(d, tparams)
+    for i in range(2):
+        state, metrics = step(state, i)
     assert int(state.step) == 2
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["gen_grad_norm"]) > 0 and float(metrics["aux_grad_norm"]) > 0
@@ -213,10 +214,10 @@ def test_mesh_step_equals_single_device(teacher, one_device):
     m, params = teacher
     d1, t1 = one_device
     cfg = _config()
-    d8 = distill.Distiller(distill.make_adapter(m, cfg), cfg, make_mesh(8, fsdp=2), compiler_options=FAST)
+    d8 = dimo.Distiller(adapters.make_adapter(m, cfg), cfg, make_mesh(8, fsdp=2))
     t8 = d8.place_teacher(params)
-    s1, m1 = d1.step(d1.init_state(t1), t1, jax.random.PRNGKey(9))
-    s8, m8 = d8.step(d8.init_state(t8), t8, jax.random.PRNGKey(9))
+    s1, m1 = distill_stepper(d1, t1)(d1.init_state(t1), 9)
+    s8, m8 = distill_stepper(d8, t8)(d8.init_state(t8), 9)
     assert len(s8.gen_params["layer_0"]["mlp_fc1"]["kernel"].sharding.device_set) == 8
     for k in m1:
         np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=2e-4, atol=1e-6, err_msg=k)
@@ -227,18 +228,18 @@ def test_mesh_step_equals_single_device(teacher, one_device):
 
 def test_resume_is_exact(tmp_path, one_device):
     d, tparams = one_device
-    rng = jax.random.PRNGKey(21)
+    step = distill_stepper(d, tparams)
     s = d.init_state(tparams)
-    s, _ = d.step(s, tparams, rng)
+    s, _ = step(s, 0)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "s1", s)
     ckpt.wait_until_finished()
-    s, _ = d.step(s, tparams, rng)
+    s, _ = step(s, 1)
     uninterrupted = _leaves(s)
 
     restored = ckpt.restore(tmp_path / "s1", d.abstract_state(tparams))
     assert int(restored.step) == 1
-    resumed, _ = d.step(restored, tparams, rng)
+    resumed, _ = step(restored, 1)
     got = _leaves(resumed)
     for k in uninterrupted:
         np.testing.assert_array_equal(got[k], uninterrupted[k], err_msg=k)
@@ -253,10 +254,10 @@ def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
     import functools
 
     # Compile time dominates here: every jit of this test at XLA optimisation level 0.
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit))
     from softdimo_jax.models.soft_embed import expected_bits
     from softdimo_jax.sampling import student
-    from softdimo_jax.training.distill_stage import train_distill
+    from softdimo_jax.pipelines.phases import train_distill
 
     m, params = teacher
     cfg = _config(num_steps=2, ckpt_every=1, log_every=1)
@@ -269,7 +270,7 @@ def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
     for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(again.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    ema = student.student_params(again.state)
+    ema = dimo.generator_params(again.state)
     assert ema is again.state.ema_params
     labels = jnp.arange(4) % 3
     hard = student.sampler_from_config(m, cfg, "hard", mesh)(ema, jax.random.PRNGKey(0), labels)["tokens"]
@@ -277,6 +278,6 @@ def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
     soft = student.sampler_from_config(m, cfg, "soft", mesh)(ema, jax.random.PRNGKey(0), labels)["bits"]
     assert soft.shape == (4, L, BITS) and float(jnp.abs(soft).max()) <= 1.0 + 1e-6  # expectation of ±1 bits, up to f32 round-off
     # The soft sample is the expectation of the same logits the hard sample is drawn from.
-    a = distill.LFQBertAdapter.from_module(m, dropout=0.0)
+    a = adapters.LFQBertAdapter.from_module(m, dropout=0.0)
     z = student.one_step_logits(a, ema, jax.random.split(jax.random.PRNGKey(0))[0], labels)
     np.testing.assert_allclose(np.asarray(soft), np.asarray(expected_bits(jax.nn.softmax(z))), atol=1e-5)

@@ -1,4 +1,4 @@
-"""Di[M]O distillation on the MaskGIT and MaskGen teachers (training/adapters.py) and the
+"""Di[M]O distillation on the MaskGIT and MaskGen teachers (core/adapters.py) and the
 prompt-file conditions of text-to-image distillation (data/prompts.py)."""
 
 import jax
@@ -10,11 +10,12 @@ from softdimo_jax.data import prompts
 from softdimo_jax.models.clip_text import ClipTextTransformer
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.maskgit import MaskGITTransformer
-from softdimo_jax.parallel import make_mesh
-from softdimo_jax.training import adapters, distill
-from softdimo_jax.training.distill_config import default_distill_config
-
-FAST = {"xla_backend_optimization_level": 0}
+from softdimo_jax.runtime.mesh import make_mesh
+from helpers import FAST, distill_stepper
+from softdimo_jax.core import adapters, dimo, masking, optim
+from softdimo_jax.core.defaults import default_distill_config
+from softdimo_jax.pipelines import at_scale
+from softdimo_jax.runtime import mesh as meshlib
 B = 8
 K = 16  # codebook size of both tiny teachers
 CAPTIONS = ["a red cube", "two dogs on a beach", "", "a bowl of soup", "snowy mountain at dawn"]
@@ -22,7 +23,7 @@ CAPTIONS = ["a red cube", "two dogs on a beach", "", "a bowl of soup", "snowy mo
 
 def _jit(fn):
     # Eager op-by-op dispatch on 8 fake devices is slower than one compile at -O0.
-    return jax.jit(fn, compiler_options=FAST)
+    return jax.jit(fn)
 
 
 def _config(**kw):
@@ -33,7 +34,7 @@ def _config(**kw):
 
 
 def _leaves(tree):
-    return {distill._path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_moved(teacher, gen, frozen_prefixes, unused=()):
@@ -63,17 +64,17 @@ def maskgit():
 
 def test_maskgit_adapter_shapes_cfg_and_frozen_groups(maskgit):
     m, params = maskgit
-    a = distill.make_adapter(m, _config())
+    a = adapters.make_adapter(m, _config())
     assert isinstance(a, adapters.MaskGITAdapter)
     assert (a.num_tokens, a.splits, a.vocab_size, a.mask_token, a.num_classes) == (16, 1, K, K, 3)
 
     @_jit
     def run(params):
-        labels, tokens = distill.initial_tokens(jax.random.PRNGKey(1), B, a, r_init=0.6)
+        labels, tokens = masking.initial_tokens(jax.random.PRNGKey(1), B, a, r_init=0.6)
         z = a.teacher_logits(params, tokens, labels)
         full = m.apply({"params": params}, tokens[..., 0], labels)
         # Teacher CFG: u + w (c − u) with u from the null class.
-        guided = distill.teacher_cfg_logits(a, params, tokens, labels, 2.0, "uncond_plus")
+        guided = dimo.teacher_cfg_logits(a, params, tokens, labels, 2.0, "uncond_plus")
         u = m.apply({"params": params}, tokens[..., 0], labels, drop_label=jnp.ones((B,), bool))
         return tokens, z, full, guided, u, a.embed(params, tokens)
 
@@ -87,18 +88,19 @@ def test_maskgit_adapter_shapes_cfg_and_frozen_groups(maskgit):
     assert np.abs(u - full[..., :K]).max() > 1e-3  # the null class changes the logits
     # The embedding the generator perturbs is the model's own lookup.
     np.testing.assert_allclose(emb, np.asarray(params["tok_emb"]["embedding"])[tokens[..., 0]])
-    assert distill.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a) == [
+    assert optim.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a) == [
         "tok_emb", "bias", "pos_emb"]
 
 
 def test_maskgit_distills_on_8_devices(maskgit):
     m, params = maskgit
     cfg = _config(dropout=0.1)  # Di[M]O keeps dropout in θ and ψ
-    d = distill.Distiller(distill.make_adapter(m, cfg), cfg, make_mesh(8, fsdp=2), compiler_options=FAST)
+    d = dimo.Distiller(adapters.make_adapter(m, cfg), cfg, make_mesh(8, fsdp=2))
     tp = d.place_teacher(params)
     state = d.init_state(tp)
+    step = distill_stepper(d, tp)
     for i in range(2):
-        state, metrics = d.step(state, tp, jax.random.PRNGKey(i))
+        state, metrics = step(state, i)
     metrics = jax.device_get(metrics)
     for k in ("loss", "gen_loss", "aux_loss", "fkl", "rkl", "gen_grad_norm"):
         assert np.isfinite(metrics[k]), k
@@ -186,18 +188,18 @@ def test_maskgen_adapter_cfg_uses_null_condition(maskgen, caption_table):
     tab = caption_table
     cfg = _config(cfg_formula="cond_plus", cfg_scale=3.0)
     with pytest.raises(ValueError, match="null"):
-        distill.make_adapter(m, cfg)
+        adapters.make_adapter(m, cfg)
     with pytest.raises(ValueError, match="no dropout"):
-        distill.make_adapter(m, _config(dropout=0.1), **prompts.null_conditions_kwargs(tab))
-    a = distill.make_adapter(m, cfg, **prompts.null_conditions_kwargs(tab))
+        adapters.make_adapter(m, _config(dropout=0.1), **prompts.null_conditions_kwargs(tab))
+    a = adapters.make_adapter(m, cfg, **prompts.null_conditions_kwargs(tab))
     assert isinstance(a, adapters.MaskGenAdapter)
     assert (a.num_tokens, a.splits, a.vocab_size, a.mask_token) == (8, 1, K, K)
     batch = tab.batch_fn(B, seed=0)(0)
 
     @_jit
     def run(params, batch):
-        labels, tokens = distill.initial_tokens(jax.random.PRNGKey(1), B, a, 0.5, conditions=batch)
-        z = distill.teacher_cfg_logits(a, params, tokens, labels, 3.0, "cond_plus")
+        labels, tokens = masking.initial_tokens(jax.random.PRNGKey(1), B, a, 0.5, conditions=batch)
+        z = dimo.teacher_cfg_logits(a, params, tokens, labels, 3.0, "cond_plus")
         aes = jnp.full((B,), 6.5)
         c = m.apply({"params": params}, tokens[..., 0], batch["condition"], batch["pooled"], aes)
         null_c = jnp.broadcast_to(tab.null_condition, batch["condition"].shape)
@@ -216,21 +218,22 @@ def test_maskgen_adapter_cfg_uses_null_condition(maskgen, caption_table):
     assert labels["condition"].shape == (B, T, TW) and labels["pooled"].shape == (B, 1, TW)
     with pytest.raises(ValueError, match="conditions"):
         a.draw_labels(jax.random.PRNGKey(2), B, None)
-    assert distill.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a) == [
+    assert optim.resolve_frozen(params, ("input_embedding", "output_bias", "position_embedding"), a) == [
         "embeddings", "pos_embed"]
 
 
 def test_maskgen_distills_on_8_devices_from_captions(maskgen, caption_table):
     m, params = maskgen
     cfg = _config(cfg_formula="cond_plus", cfg_scale=3.0, r_init=0.5, sigma_init=0.3)
-    a = distill.make_adapter(m, cfg, **prompts.null_conditions_kwargs(caption_table))
-    d = distill.Distiller(a, cfg, make_mesh(8), compiler_options=FAST)
+    a = adapters.make_adapter(m, cfg, **prompts.null_conditions_kwargs(caption_table))
+    d = dimo.Distiller(a, cfg, make_mesh(8))
     tp = d.place_teacher(params)
     state = d.init_state(tp)
     batch_fn = caption_table.batch_fn(B, seed=0)
+    step = distill_stepper(d, tp)
     for i in range(2):
-        conds = jax.device_put(batch_fn(i), distill.parallel.batch_sharding(d.mesh, 1))
-        state, metrics = d.step(state, tp, jax.random.PRNGKey(i), conds)
+        conds = jax.device_put(batch_fn(i), meshlib.batch_sharding(d.mesh, 1))
+        state, metrics = step(state, i, conds)
     metrics = jax.device_get(metrics)
     for k in ("loss", "gen_loss", "aux_loss", "fkl", "rkl", "gen_grad_norm"):
         assert np.isfinite(metrics[k]), k
@@ -245,16 +248,15 @@ def test_maskgen_distills_on_8_devices_from_captions(maskgen, caption_table):
 
 
 def test_maskgen_entry_distills_from_prompt_file(tmp_path, maskgen, fixtures_dir, monkeypatch):
-    """distill_stage.run_from_config: converted MaskGen + text tower, BPE captions from a
+    """The distill pipeline (python -m softdimo_jax.main): converted MaskGen + text tower, BPE captions from a
     prompt file, the Trainer loop with the conditions batch, checkpoints written."""
     import functools
     import importlib.util
     import os
 
-    from softdimo_jax.convert import save_converted
-    from softdimo_jax.training import distill_stage
+    from softdimo_jax.runtime.converted import save_converted
 
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit))
     m, params = maskgen
     clip = ClipTextTransformer(context_length=T, width=TW, heads=2, layers=1, embed_dim=TW)
     cp = _jit(clip.init)(jax.random.PRNGKey(4), jnp.zeros((1, T), jnp.int32))["params"]
@@ -272,9 +274,9 @@ def test_maskgen_entry_distills_from_prompt_file(tmp_path, maskgen, fixtures_dir
                        prompt_file=str(tmp_path / "prompts.txt"), prompt_encode_chunk=8))
     config.distill.update(dict(num_steps=2, batch_size=B, compute_dtype="float32", remat=False, lr=1e-3,
                                warmup_steps=1, log_every=1, ckpt_every=2))
-    distill_stage.run_from_config(config, str(tmp_path / "work"))
+    at_scale.distill(config, str(tmp_path / "work"))
     assert sorted(os.listdir(tmp_path / "work" / "distill" / "checkpoints")) == ["2"]
 
     config.teacher_family = "maskgit_transformer"
     with pytest.raises(ValueError, match="teacher_family"):
-        distill_stage.run_from_config(config, str(tmp_path / "work2"))
+        at_scale.distill(config, str(tmp_path / "work2"))

@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.conversion.inception import convert_inception
 from softdimo_jax.evaluation import export, stats
+from softdimo_jax.evaluation.periodic_fid import PeriodicFID
 from softdimo_jax.evaluation.fid import (
     ActivationSet,
     InceptionFeatureExtractor,
-    PeriodicFID,
     Progress,
     compute_activations,
     evaluate_images,
@@ -47,7 +47,7 @@ def params(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def extractor(params):
-    return InceptionFeatureExtractor(params, mesh=parallel.make_mesh(8), batch_size=8, model=SMALL)
+    return InceptionFeatureExtractor(params, mesh=meshlib.make_mesh(8), batch_size=8, model=SMALL)
 
 
 def _images(n, seed, size=24):
@@ -60,7 +60,7 @@ def _images(n, seed, size=24):
 
 def test_mesh_matches_single_device(params, extractor):
     imgs = _images(8, 0)
-    one = InceptionFeatureExtractor(params, mesh=parallel.make_mesh(1), batch_size=8, model=SMALL)
+    one = InceptionFeatureExtractor(params, mesh=meshlib.make_mesh(1), batch_size=8, model=SMALL)
     a, b = extractor(imgs), one(imgs)
     assert extractor.mesh.size == 8 and one.mesh.size == 1
     assert a["2048"].shape == (8, 2048) and a["logits_unbiased"].shape == (8, 1008)
@@ -298,7 +298,7 @@ def test_cli_generates_from_converted_teacher_and_student(tmp_path, params):
     import jax.numpy as jnp
 
     from softdimo_jax.conversion.inception import save_params
-    from softdimo_jax.convert import save_converted
+    from softdimo_jax.runtime.converted import save_converted
     from softdimo_jax.evaluate import main
     from softdimo_jax.models.maskbit_bert import LFQBert
     from softdimo_jax.models.maskbit_tokenizer import ConvVQModel

@@ -8,8 +8,8 @@ import pytest
 
 from softdimo_jax.models.discriminator import FeatureDiscriminator, fourier_features, init_discriminator
 from softdimo_jax.models.maskbit_bert import LFQBert
-from softdimo_jax.training import gan
-from softdimo_jax.training.refine_config import default_gan_config
+from softdimo_jax.core import gan, masking
+from softdimo_jax.core.defaults import default_gan_config
 
 L, BITS, S = 16, 6, 2
 
@@ -20,13 +20,13 @@ def tiny_teacher(depth=2):
 
 
 def test_random_position_mask_exact_counts():
-    mask, r = gan.random_position_mask(jax.random.PRNGKey(0), 64, L, 0.95)
+    mask, r = masking.random_position_mask(jax.random.PRNGKey(0), 64, L, 0.95)
     counts = np.asarray(mask.sum(-1))
     np.testing.assert_allclose(np.asarray(r) * L, counts)
     assert counts.max() <= round(0.95 * L) and counts.min() >= 0
     assert len(set(counts.tolist())) > 3  # r varies per sample
     with pytest.raises(ValueError, match="r_max"):
-        gan.random_position_mask(jax.random.PRNGKey(0), 2, L, 1.0)
+        masking.random_position_mask(jax.random.PRNGKey(0), 2, L, 1.0)
 
 
 def test_real_bits_match_teacher_split_bits():
@@ -64,10 +64,10 @@ def test_discriminator_loss_goes_down_on_fixed_toy_set(reg):
     t_params = teacher.init(k[1], labels=labels, input_bits=jnp.zeros((16, L, BITS)))["params"]
     real = jnp.sign(jax.random.normal(k[2], (16, L, BITS)))
     fake = 0.4 * jnp.tanh(jax.random.normal(k[3], (16, L, BITS)))
-    m_r, r_r = gan.random_position_mask(k[4], 16, L, 0.95)
-    m_f, r_f = gan.random_position_mask(k[5], 16, L, 0.95)
-    f_real = gan.teacher_features(teacher, t_params, gan.mask_positions(real, m_r), labels)
-    f_fake = gan.teacher_features(teacher, t_params, gan.mask_positions(fake, m_f), labels)
+    m_r, r_r = masking.random_position_mask(k[4], 16, L, 0.95)
+    m_f, r_f = masking.random_position_mask(k[5], 16, L, 0.95)
+    f_real = gan.teacher_features(teacher, t_params, masking.mask_positions(real, m_r), labels)
+    f_fake = gan.teacher_features(teacher, t_params, masking.mask_positions(fake, m_f), labels)
 
     disc = FeatureDiscriminator(layers=cfg.disc_layers, num_tokens=L, num_classes=4, hidden_dim=32)
     tx = gan.make_disc_optimizer(cfg)
@@ -83,9 +83,9 @@ def test_discriminator_loss_goes_down_on_fixed_toy_set(reg):
 
 
 def _setup(w_gan=200.0, w_dimo=1.0, soft_mode="soft"):
-    from softdimo_jax import parallel
-    from softdimo_jax.training import distill
-    from softdimo_jax.training.distill_config import default_distill_config
+    from softdimo_jax.core.adapters import make_adapter
+    from softdimo_jax.core.defaults import default_distill_config
+    from softdimo_jax.runtime import mesh as meshlib
 
     dcfg = default_distill_config()
     dcfg.batch_size = 4
@@ -98,8 +98,8 @@ def _setup(w_gan=200.0, w_dimo=1.0, soft_mode="soft"):
     gcfg.gen_lr = 1e-3
     gcfg.gen_warmup_steps = 0
     model = tiny_teacher(depth=1)
-    adapter = distill.make_adapter(model, dcfg)
-    refiner = gan.GanRefiner(adapter, dcfg, gcfg, mesh=parallel.make_mesh(1))
+    adapter = make_adapter(model, dcfg)
+    refiner = gan.GanRefiner(adapter, dcfg, gcfg, mesh=meshlib.make_mesh(1))
     t_params = model.init(jax.random.PRNGKey(0), labels=jnp.zeros((1,), jnp.int32),
                           input_bits=jnp.zeros((1, L, BITS)))["params"]
     dimo = refiner.distiller.init_state(t_params)
@@ -112,11 +112,8 @@ def _gen_grads(refiner, t_params, state, rng):
 
     @jax.jit
     def run(state, t_params, rng):
-        d.extra = lambda z, y, k: refiner._fake_loss(state.disc.params, t_params, z, y, k)
-        try:
-            grads, cot, z, stats = d.generator_cotangent(state.dimo, t_params, rng)
-        finally:
-            d.extra = None
+        extra = lambda z, y, k: refiner._fake_loss(state.disc.params, t_params, z, y, k)
+        grads, cot, z, stats, _ = d.generator_cotangent(state.dimo, t_params, rng, extra_loss=extra)
         return grads, stats
 
     return run(state, t_params, rng)
@@ -147,8 +144,6 @@ def optax_global_norm(tree):
 
 
 def test_gan_step_moves_generator_and_disc_not_teacher():
-    from softdimo_jax.training.trainer import Trainer
-
     refiner, t_params, state0 = _setup()
     t_before = jax.tree.map(np.array, t_params)
     gen_before = jax.tree.map(np.array, state0.dimo.gen_params)

@@ -54,7 +54,7 @@ def test_gpu_dry_run_single_and_multi_host():
     r = _run("gpu_train.sh", {"WORKDIR": "/tmp/run", "NUM_GPUS": "2"}, "--config.distill.fsdp=2")
     assert r.returncode == 0, r.stderr
     assert "CUDA_VISIBLE_DEVICES=0\\,1" in r.stdout or "CUDA_VISIBLE_DEVICES=0,1" in r.stdout
-    assert "-m softdimo_jax.training.distill_stage" in r.stdout and "--config.distill.fsdp=2" in r.stdout
+    assert "-m softdimo_jax.main" in r.stdout and "--config.distill.fsdp=2" in r.stdout
     assert "SOFTDIMO_DISTRIBUTED" not in r.stdout
     r = _run("gpu_train.sh", {"WORKDIR": "/tmp/run", "NUM_PROCESSES": "2", "PROCESS_ID": "1",
                               "COORDINATOR": "10.0.0.1:1234"})

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from softdimo_jax import convert as convert_cli
+from softdimo_jax.conversion import maskbit as maskbit_conversion
+from softdimo_jax.runtime import converted
 from softdimo_jax import parity
 from softdimo_jax.conversion.maskbit import (
     bert_expected_params,
@@ -184,20 +186,20 @@ def test_convert_cli_roundtrip(tmp_path, bert_fx, tok_fx, capsys):
         argv += ["--set", o]
     assert convert_cli.main(argv + [bert_fx.path, str(dst)]) == 0
     assert "maskbit_generator" in capsys.readouterr().out
-    model, params = convert_cli.load_converted(str(dst))
+    model, params = converted.load_converted(str(dst))
     logits = model.apply({"params": params}, jnp.asarray(bert_fx.inputs["tokens"]),
                          jnp.asarray(bert_fx.inputs["labels"]),
                          drop_label_mask=jnp.asarray(bert_fx.inputs["drop_label_mask"]))
     np.testing.assert_allclose(logits, bert_fx.outputs["logits"], atol=2e-4)
     # Runtime fields may change; structural ones are refused.
-    m_bf16, _ = convert_cli.load_converted(str(dst), dtype=jnp.bfloat16, remat=True)
+    m_bf16, _ = converted.load_converted(str(dst), dtype=jnp.bfloat16, remat=True)
     assert m_bf16.dtype == jnp.bfloat16 and m_bf16.remat
-    with pytest.raises(convert_cli.ConfigMismatchError, match="mlp_dim: checkpoint 128 vs module 256"):
-        convert_cli.load_converted(str(dst), model=model.clone(mlp_dim=256))
-    with pytest.raises(convert_cli.ConfigMismatchError, match="maskbit_generator"):
-        convert_cli.load_converted(str(dst), model=maskbit_tokenizer_from_cfg(tok_fx.cfg))
+    with pytest.raises(converted.ConfigMismatchError, match="mlp_dim: checkpoint 128 vs module 256"):
+        converted.load_converted(str(dst), model=model.clone(mlp_dim=256))
+    with pytest.raises(converted.ConfigMismatchError, match="maskbit_generator"):
+        converted.load_converted(str(dst), model=maskbit_tokenizer_from_cfg(tok_fx.cfg))
     with pytest.raises(ValueError, match="may be overridden"):
-        convert_cli.load_converted(str(dst), depth=3)
+        converted.load_converted(str(dst), depth=3)
     # DST exists: refused without --overwrite; a wrong config fails with the key list.
     assert convert_cli.main(argv + [bert_fx.path, str(dst)]) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -208,7 +210,7 @@ def test_convert_cli_roundtrip(tmp_path, bert_fx, tok_fx, capsys):
     tok_argv = ["--model", "maskbit_tokenizer", "--bits", "6", "--set", "hidden_channels=32",
                 "--set", "channel_mult=[1,1,2]", tok_fx.path, str(tdst)]
     assert convert_cli.main(tok_argv) == 0
-    tmodel, tparams = convert_cli.load_converted(str(tdst))
+    tmodel, tparams = converted.load_converted(str(tdst))
     img = tmodel.apply({"params": tparams}, jnp.asarray(tok_fx.outputs["indices"], jnp.int32),
                        method=tmodel.decode_tokens)
     np.testing.assert_allclose(np.asarray(img).transpose(0, 3, 1, 2), tok_fx.outputs["decoded"], atol=1e-4)
@@ -224,10 +226,10 @@ def test_config_presets(arg):
     assert tuple(config.tokenizer.channel_mult) == (1, 1, 2, 2, 4) and config.tokenizer.hidden_channels == 128
     # The CLI defaults are the same released sizes.
     gen = maskbit_bert_from_config(config.generator)
-    assert convert_cli.module_config(gen) == {**convert_cli.maskbit_generator_defaults(bits),
+    assert converted.module_config(gen) == {**maskbit_conversion.maskbit_generator_defaults(bits),
                                               "dtype": "float32", "remat": False}
     tok = maskbit_tokenizer_from_config(config.tokenizer)
-    cli_tok = convert_cli.FAMILIES["maskbit_tokenizer"].build(convert_cli.maskbit_tokenizer_defaults(bits))
+    cli_tok = converted.FAMILIES["maskbit_tokenizer"].build(maskbit_conversion.maskbit_tokenizer_defaults(bits))
     assert tok == cli_tok
     with pytest.raises(ValueError, match="released"):
         _load_config("13")
@@ -293,7 +295,7 @@ def test_convert_cli_from_real_torch_bin(tmp_path):
     for o in _tiny_overrides(cfg):
         argv += ["--set", o]
     assert convert_cli.main(argv + [str(data / "maskbit_bert_prenorm_s1.bin"), str(tmp_path / "g")]) == 0
-    model, params = convert_cli.load_converted(str(tmp_path / "g"))
+    model, params = converted.load_converted(str(tmp_path / "g"))
     assert model.use_prenorm and model.splits == 1
     with jax.default_matmul_precision("float32"):
         logits = jax.jit(lambda p, t, y, m: model.apply({"params": p}, t, y, drop_label_mask=m))(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.sampling import maskbit_sampler as ms
-from softdimo_jax.sampling.grid import make_image_grid, save_image_grid
+from softdimo_jax.runtime.artifacts import make_image_grid, save_image_grid
 
 L, S, V, NUM_CLASSES, D = 16, 2, 8, 5, 16
 STEPS = 8
@@ -146,11 +146,11 @@ def test_sharded_8_devices_equals_1_device():
     kw = dict(**SIZES, num_steps=STEPS, return_intermediates=True)
     one = ms.make_sharded_sampler(factory, **kw)
     # A mesh with Explicit axes (jax.make_mesh's default) and inputs already placed on it work too.
-    mesh = jax.make_mesh((4, 2), parallel.DATA_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    mesh = jax.make_mesh((4, 2), meshlib.DATA_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     eight = ms.make_sharded_sampler(factory, mesh=mesh, **kw)
     rng = jax.random.PRNGKey(5)
     t1, i1 = one(params, rng, LABELS)
-    t8, i8 = eight(jax.device_put(params, parallel.replicated(mesh)), rng, parallel.shard_batch(LABELS, mesh))
+    t8, i8 = eight(jax.device_put(params, meshlib.replicated(mesh)), rng, meshlib.shard_batch(LABELS, mesh))
     assert len(t8.sharding.device_set) == 8
     np.testing.assert_array_equal(t1, t8)
     np.testing.assert_array_equal(i1["tokens"], i8["tokens"])
@@ -193,7 +193,7 @@ def test_lfq_bert_teacher_sampler_sharded_equals_single_device():
     gen, params, _, _ = tiny_models()
     kw = dict(num_steps=6, randomize_temperature=2.0)
     one = ms.make_maskbit_teacher_sampler(gen, **kw)
-    eight = ms.make_maskbit_teacher_sampler(gen, mesh=parallel.make_mesh(8), **kw)
+    eight = ms.make_maskbit_teacher_sampler(gen, mesh=meshlib.make_mesh(8), **kw)
     rng = jax.random.PRNGKey(7)
     t1, t8 = one(params, rng, LABELS), eight(params, rng, LABELS)
     assert t1.shape == (8, 16, 2) and int(t1.max()) < 8 and int(t1.min()) >= 0
@@ -204,7 +204,7 @@ def test_sample_cli_writes_grid(tmp_path, monkeypatch):
     from absl import flags
 
     from softdimo_jax import sample
-    from softdimo_jax.convert import save_converted
+    from softdimo_jax.runtime.converted import save_converted
     from softdimo_jax.models import lfq
 
     gen, gen_params, tok, tok_params = tiny_models()

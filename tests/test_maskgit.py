@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.conversion.maskgit import (
     VQGAN_IGNORE_PREFIXES,
     convert_maskgit_transformer,
@@ -335,7 +335,7 @@ def test_teacher_sampler_invariants(tiny_vit):
 
 def test_samplers_on_mesh(tiny_vit):
     model, params = tiny_vit
-    mesh = parallel.make_mesh(8)
+    mesh = meshlib.make_mesh(8)
     labels = jnp.arange(8, dtype=jnp.int32) % 5
     teacher = ms.make_maskgit_teacher_sampler(model, mesh=mesh, num_steps=4)
     ids = teacher(params, jax.random.PRNGKey(0), labels)
@@ -358,18 +358,19 @@ def test_initial_tokens_exact_mask_count():
 
 def test_convert_cli_registry_round_trip(fixtures_dir, tmp_path):
     from softdimo_jax import convert
+    from softdimo_jax.runtime import converted
 
     fx = load_fixture(str(fixtures_dir / "maskgit_transformer_a.npz"))
     model, params = convert.convert("maskgit_transformer", fx.path, str(tmp_path / "vit"), overrides=dict(fx.cfg))
     assert model == maskgit_transformer_from_cfg(fx.cfg)
-    loaded_model, loaded = convert.load_converted(str(tmp_path / "vit"))
+    loaded_model, loaded = converted.load_converted(str(tmp_path / "vit"))
     assert loaded_model == model
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(a, b)
     from softdimo_jax.conversion.maskgit import maskgit_transformer_defaults, taming_vqgan_defaults
 
     assert MaskGITTransformer(**maskgit_transformer_defaults()) == maskgit_transformer_from_cfg(IMAGENET256_CFG)
-    assert TamingVQModel(**convert._from_json(taming_vqgan_defaults())) == taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
+    assert TamingVQModel(**converted.config_from_json(taming_vqgan_defaults())) == taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
 
 
 def test_file_loaders(fixtures_dir, tmp_path):

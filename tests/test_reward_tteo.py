@@ -9,7 +9,7 @@ import pytest
 from softdimo_jax.evaluation.digits_classifier import DigitsClassifier
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskbit_tokenizer import ConvVQModel
-from softdimo_jax.training import rewards
+from softdimo_jax.core import reward as rewards
 
 L, BITS, S, GRID = 16, 6, 2, (4, 4)
 
@@ -63,19 +63,17 @@ def test_reward_registry_and_digits_logprob():
 
 
 def _reward_refiner(w=1.0, w_dimo=0.0):
-    from softdimo_jax import parallel
-    from softdimo_jax.training import distill
-    from softdimo_jax.training.distill_config import default_distill_config
-    from softdimo_jax.training.refine_config import default_reward_config
-    from softdimo_jax.training.reward_finetune import RewardRefiner
+    from softdimo_jax.core.adapters import make_adapter
+    from softdimo_jax.core.defaults import default_distill_config, default_reward_config
+    from softdimo_jax.runtime import mesh as meshlib
 
     gen, gp, tok, tp, clf, cp, rset = tiny_models()
     dcfg = default_distill_config()
     dcfg.batch_size, dcfg.dropout = 4, 0.0
     rcfg = default_reward_config()
-    rcfg.batch_size, rcfg.w, rcfg.w_dimo, rcfg.gen_lr, rcfg.gen_warmup_steps = 4, w, w_dimo, 1e-3, 0
-    ref = RewardRefiner(distill.make_adapter(gen, dcfg), dcfg, rcfg, tok, rset, GRID,
-                        mesh=parallel.make_mesh(1))
+    rcfg.batch_size, rcfg.w_reward, rcfg.w_dimo, rcfg.gen_lr, rcfg.gen_warmup_steps = 4, w, w_dimo, 1e-3, 0
+    ref = rewards.RewardRefiner(make_adapter(gen, dcfg), dcfg, rcfg, tok, rset, GRID,
+                        mesh=meshlib.make_mesh(1))
     state = ref.init_state(ref.distiller.init_state(gp))
     frozen = {"teacher": gp, "tokenizer": tp, "reward": rset.params}
     return ref, state, frozen
@@ -87,13 +85,10 @@ def test_reward_gradient_reaches_generator_through_decoder_and_frozen_weights_st
 
     @jax.jit
     def grads_of(state, frozen, rng):
-        d.extra = lambda z, y, k: ref.reward_loss(frozen["tokenizer"], frozen["reward"], z, y, k)
-        try:
-            return d.generator_cotangent(state, frozen["teacher"], rng)
-        finally:
-            d.extra = None
+        extra = lambda z, y, k: ref.reward_loss(frozen["tokenizer"], frozen["reward"], z, y, k)
+        return d.generator_cotangent(state, frozen["teacher"], rng, extra_loss=extra)
 
-    grads, _, _, stats = grads_of(state, frozen, jax.random.PRNGKey(3))
+    grads, _, _, stats, _ = grads_of(state, frozen, jax.random.PRNGKey(3))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
     assert float(optax.global_norm(grads["layer_0"])) > 1e-8
     assert np.isfinite(float(stats["reward"]))

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from softdimo_jax.training import teacher_train
-from softdimo_jax.training.ema import ema_rate
+from softdimo_jax.core import objectives
+from softdimo_jax.core.optim import ema_rate
 
 
 def _train_cfg(ema_warmup):
@@ -20,11 +20,11 @@ def _train_cfg(ema_warmup):
 
 @pytest.mark.parametrize("ema_warmup", [True, False])
 def test_teacher_step_ema_rate(ema_warmup):
-    model = teacher_train.teacher_from_config(
+    model = objectives.teacher_from_config(
         dict(splits=2, hidden_dim=16, depth=1, heads=2, mlp_dim=32, num_classes=10, dropout=0.0),
         num_tokens=4, num_bits=4)
     cfg = _train_cfg(ema_warmup)
-    init_fn, step_fn = teacher_train.make_teacher_phase(model, cfg)
+    init_fn, step_fn = objectives.make_teacher_phase(model, cfg)
     state = init_fn(jax.random.PRNGKey(0))
     batch = {"tokens": jnp.asarray(np.random.RandomState(0).randint(0, 16, (8, 4))),
              "label": jnp.arange(8) % 10}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.data import tfds_images
 
 N = 12
@@ -70,7 +70,7 @@ def test_data_source_batches_are_cropped_labelled_and_step_deterministic(data_di
     assert b["label"].dtype == np.int32 and set(b["label"]) <= set(range(5))
     np.testing.assert_array_equal(batch_fn(3)["label"], b["label"])  # pure function of the step
 
-    mesh = parallel.make_mesh(8)
+    mesh = meshlib.make_mesh(8)
     g = tfds_images.to_global(b, mesh)
     assert g["image"].shape == (8, 16, 16, 3) and len(g["image"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(g["label"]), b["label"])

@@ -14,10 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from softdimo_jax import parallel
-from softdimo_jax.training.trainer import (
-    CheckpointMismatchError, NonFiniteLossError, Trainer, ema_update, make_optimizer,
-)
+from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.core.optim import ema_update, make_optimizer
+from softdimo_jax.runtime.trainer import CheckpointMismatchError, NonFiniteLossError, Trainer
 
 DIM = 6
 BATCH = 16
@@ -25,7 +24,7 @@ BATCH = 16
 
 def toy_phase(dim=DIM, nan_at=None):
     """Noisy linear regression with AdamW + EMA: enough state (opt, ema, rng) for resume."""
-    opt = make_optimizer(0.05, num_steps=20, warmup_steps=3, weight_decay=0.01)
+    opt = make_optimizer(0.05, schedule="cosine", num_steps=20, warmup_steps=3, weight_decay=0.01)
 
     def init_fn(rng):
         params = {"w": jax.random.normal(rng, (dim, 3)), "b": jnp.zeros((3,))}
@@ -59,7 +58,7 @@ def make_trainer(stage_dir, num_steps=8, mesh=None, dim=DIM, nan_at=None, **kw):
     init_fn, step_fn, batch_fn = toy_phase(dim, nan_at)
     return Trainer(
         "toy", stage_dir, init_fn, step_fn, batch_fn, num_steps=num_steps, seed=3,
-        mesh=mesh or parallel.make_mesh(1), frozen={"shift": np.float32(0.1)},
+        mesh=mesh or meshlib.make_mesh(1), frozen={"shift": np.float32(0.1)},
         checkpoint_every=2, keep=2, log_every=1, **kw,
     )
 
@@ -111,7 +110,7 @@ def test_complete_run_is_restored_not_retrained(tmp_path):
 def test_eight_device_step_equals_one_device(fsdp):
     assert jax.device_count() == 8
     results = []
-    for mesh in (parallel.make_mesh(1), parallel.make_mesh(8, fsdp=fsdp)):
+    for mesh in (meshlib.make_mesh(1), meshlib.make_mesh(8, fsdp=fsdp)):
         tr = make_trainer(None, mesh=mesh)
         state = tr.init_state()
         for step in range(3):
@@ -136,7 +135,7 @@ def test_checkpoint_from_another_config_names_the_stage_dir(tmp_path):
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
-    tr = make_trainer(None, mesh=parallel.make_mesh(8))
+    tr = make_trainer(None, mesh=meshlib.make_mesh(8))
     tr.batch_fn = lambda step: {"x": np.zeros((12, DIM), np.float32), "y": np.zeros((12, 3), np.float32)}
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         tr.step(tr.init_state(), 0)

@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from softdimo_jax.conversion.state_dict import StrictStateDict, check_params_match, load_state_dict
 from softdimo_jax.models.inception import FIDInceptionV3
+from softdimo_jax.runtime.converted import load_converted
 
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -83,8 +84,6 @@ def load_inception(path: str, model: FIDInceptionV3 | None = None) -> dict:
     `python -m softdimo_jax.convert --model fid_inception` load directly.
     """
     if os.path.isdir(path):
-        from softdimo_jax.convert import load_converted
-
         return load_converted(path)[1]
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:

@@ -194,3 +194,17 @@ def convert_maskbit_tokenizer(
     p = {"encoder": enc, "decoder": dec}
     check_params_match(p, tokenizer_expected_params(model), name=name)
     return p
+
+
+def maskbit_generator_defaults(bits: int | None) -> dict:
+    """MaskBit's released generator size (configs/maskbit.py holds the same numbers)."""
+    bits = 14 if bits is None else int(bits)
+    return dict(num_tokens=256, num_bits=bits, splits=2, hidden_dim=1024, depth=24, heads=16,
+                mlp_dim=4096, num_classes=1000, dropout=0.1, use_prenorm=False)
+
+
+def maskbit_tokenizer_defaults(bits: int | None) -> dict:
+    """MaskBit's released tokenizer size (configs/maskbit.py holds the same numbers)."""
+    bits = 14 if bits is None else int(bits)
+    return dict(num_bits=bits, hidden_channels=128, channel_mult=[1, 1, 2, 2, 4],
+                num_res_blocks=2, num_channels=3, sample_with_conv=True)

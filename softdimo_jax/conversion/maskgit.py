@@ -30,8 +30,9 @@ from softdimo_jax.conversion.state_dict import (
     check_params_match,
     load_state_dict,
 )
-from softdimo_jax.models.maskgit import MaskGITTransformer, maskgit_expected_params
-from softdimo_jax.models.taming_vqgan import TamingVQModel, vqgan_expected_params
+from softdimo_jax.models.maskgit import IMAGENET256_CFG, MaskGITTransformer, maskgit_expected_params
+from softdimo_jax.models.taming_vqgan import (IMAGENET_F16_1024_CFG, TamingVQModel, taming_vqgan_from_cfg,
+                                              vqgan_expected_params)
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ def maskgit_transformer_defaults(bits: int | None = None) -> dict:
     """Module fields of Di[M]O's ImageNet-256 MaskGIT teacher (`bits` does not apply)."""
     if bits is not None:
         raise ValueError("--bits does not apply to maskgit_transformer (use --set codebook_size=...)")
-    from softdimo_jax.models.maskgit import IMAGENET256_CFG
-
     return dict(IMAGENET256_CFG)
 
 
@@ -216,8 +215,6 @@ def taming_vqgan_defaults(bits: int | None = None) -> dict:
     """Module fields of taming's ImageNet f16-1024 VQGAN (`bits` does not apply)."""
     if bits is not None:
         raise ValueError("--bits does not apply to taming_vqgan (use --set n_embed=...)")
-    from softdimo_jax.models.taming_vqgan import IMAGENET_F16_1024_CFG, taming_vqgan_from_cfg
-
     m = taming_vqgan_from_cfg(IMAGENET_F16_1024_CFG)
     fields = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
               "resolution", "z_channels", "double_z", "n_embed", "embed_dim", "resamp_with_conv", "tanh_out")
@@ -245,9 +242,7 @@ def load_taming_vqgan(path: str, model: TamingVQModel, *, subkey: str | None = N
 
 def taming_vqgan_from_yaml(path: str, **overrides) -> TamingVQModel:
     """Builds the VQGAN from taming's `model.yaml` (model.params: ddconfig, n_embed, embed_dim)."""
-    import yaml
-
-    from softdimo_jax.models.taming_vqgan import taming_vqgan_from_cfg
+    import yaml  # optional dependency, needed for this file format only
 
     with open(path) as f:
         tree = yaml.safe_load(f)

@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from softdimo_jax.conversion.torch_pickle import load_torch_file
 
 
 class ConversionError(ValueError):
@@ -47,8 +48,6 @@ def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
             else:
                 sd = {k: np.asarray(z[k]) for k in keys}
     elif lower.endswith((".bin", ".pth", ".pt", ".ckpt")):
-        from softdimo_jax.conversion.torch_pickle import load_torch_file
-
         obj = load_torch_file(path)
         sd = _unwrap(obj, subkey, path)
     else:
@@ -101,7 +100,6 @@ class StrictStateDict:
     known not to belong to the model (Lightning's `loss.`); they are reported in
     `self.ignored` and never count as unexpected.
     """
-
     def __init__(
         self,
         sd: Mapping[str, np.ndarray],

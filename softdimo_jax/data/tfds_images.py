@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from softdimo_jax import parallel
+from softdimo_jax.data.digits import batch_indices  # one rule: epoch-wise permutations of (seed, step)
+from softdimo_jax.runtime import mesh as meshlib
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -89,14 +90,6 @@ class TfdsImageSource:
         return {"image": images, "label": labels}
 
 
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Global batch indices for `step`: epoch-wise permutations, a pure function of
-    (seed, step). (Same rule as the digits data.)"""
-    from softdimo_jax.data.digits import batch_indices as _bi
-
-    return _bi(num_examples, batch_size, step, seed)
-
-
 def make_batch_fn(source: TfdsImageSource, global_batch_size: int, seed: int = 0):
     """`batch_fn(step)` -> this process's rows of the global batch (host numpy), reading
     only those records."""
@@ -118,9 +111,9 @@ def to_global(local_batch, mesh):
     def one(x):
         x = np.asarray(x)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-        parallel.check_batch_divisible(global_shape[0], mesh)
+        meshlib.check_batch_divisible(global_shape[0], mesh)
         return jax.make_array_from_process_local_data(
-            parallel.batch_sharding(mesh, x.ndim), x, global_shape
+            meshlib.batch_sharding(mesh, x.ndim), x, global_shape
         )
 
     return jax.tree.map(one, local_batch)

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softdimo_jax.training.trainer import Trainer, make_optimizer
+from softdimo_jax.core.optim import make_optimizer
+from softdimo_jax.data.digits import make_batch_fn
+from softdimo_jax.runtime.trainer import Trainer
 
 
 class DigitsClassifier(nn.Module):
@@ -80,8 +82,8 @@ def random_shift(rng, images, max_shift: int):
 
 def make_classifier_phase(model: DigitsClassifier, cfg, channels: int):
     """(init_fn, step_fn) for the Trainer: cross-entropy with shift augmentation."""
-    opt = make_optimizer(cfg.learning_rate, cfg.num_steps, cfg.warmup_steps, "cosine",
-                         weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.learning_rate, schedule="cosine", num_steps=cfg.num_steps,
+                         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay)
     size = int(cfg.image_size)
 
     def init_fn(rng):
@@ -110,8 +112,6 @@ def train_classifier(cfg, images, labels, stage_dir: str | None, mesh=None, seed
     """Trains (or restores, when `stage_dir` holds the finished run) the classifier.
 
     Returns (model, params, TrainResult)."""
-    from softdimo_jax.data.digits import make_batch_fn
-
     model = classifier_from_config(cfg)
     init_fn, step_fn = make_classifier_phase(model, cfg, images.shape[-1])
     trainer = Trainer(

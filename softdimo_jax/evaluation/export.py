@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from softdimo_jax.evaluation.fid import to_uint8
+from softdimo_jax.runtime.artifacts import save_image_grid
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "labels"
 _LABEL_KEYS = ("labels", "arr_1")
@@ -180,7 +181,5 @@ def iter_npz_images(path: str, batch_size: int = 256, key: str = IMAGES_KEY) -> 
 
 def save_grid(images, path: str, nrow: int | None = None, max_images: int = 64) -> str:
     """PNG grid of the first `max_images` images (uint8 or float in [0, 1])."""
-    from softdimo_jax.sampling.grid import save_image_grid
-
     x = to_uint8(np.asarray(images)[:max_images]).astype(np.float32) / 255.0
     return save_image_grid(x, path, nrow=nrow)

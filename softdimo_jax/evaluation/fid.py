@@ -20,7 +20,6 @@ one process only.)
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -28,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.evaluation import stats
+from softdimo_jax.runtime.artifacts import log as log_line
 from softdimo_jax.models.inception import FIDInceptionV3
 
 POOL, LOGITS = "2048", "logits_unbiased"
@@ -53,10 +53,6 @@ def to_uint8(images) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _log_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _fmt_secs(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)
@@ -68,7 +64,7 @@ class Progress:
     """Prints `desc: done/total, rate, elapsed, ETA` at most every `every_secs` (and at the end)."""
 
     def __init__(self, total: int | None, desc: str = "inception", *, every_secs: float = 30.0,
-                 log: Callable[[str], None] | None = _log_stderr):
+                 log: Callable[[str], None] | None = log_line):
         self.total, self.desc, self.every_secs, self.log = total, desc, every_secs, log
         self.done = 0
         self.start = time.monotonic()
@@ -103,8 +99,8 @@ def _sharded_forward(model: FIDInceptionV3, mesh) -> Callable:
 
     return jax.jit(
         forward,
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh, 4)),
-        out_shardings=parallel.batch_sharding(mesh, 2),
+        in_shardings=(meshlib.replicated(mesh), meshlib.batch_sharding(mesh, 4)),
+        out_shardings=meshlib.batch_sharding(mesh, 2),
     )
 
 
@@ -113,7 +109,7 @@ class InceptionFeatureExtractor:
 
     Args:
       params: converted FID Inception params (conversion/inception.py).
-      mesh: a softdimo_jax.parallel mesh (default: every device).
+      mesh: a softdimo_jax.runtime.mesh mesh (default: every device).
       batch_size: global images per device call; a multiple of the mesh size (default
         32 per device). Short batches are padded, and the padding is dropped again.
       features: which outputs to return (default pool features + unbiased logits).
@@ -125,14 +121,14 @@ class InceptionFeatureExtractor:
     def __init__(self, params: Any, *, mesh=None, batch_size: int | None = None,
                  features: tuple[str, ...] = (POOL, LOGITS), precision: Any = "highest",
                  model: FIDInceptionV3 | None = None):
-        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self.mesh = meshlib.make_mesh() if mesh is None else mesh
         self.model = model or FIDInceptionV3(features=tuple(features), precision=precision)
         self.batch_size = int(batch_size or 32 * self.mesh.size)
-        parallel.check_batch_divisible(self.batch_size, self.mesh)
+        meshlib.check_batch_divisible(self.batch_size, self.mesh)
         if self.batch_size % jax.process_count():
             raise ValueError(f"batch size {self.batch_size} must divide over {jax.process_count()} processes")
         self.local_batch_size = self.batch_size // jax.process_count()
-        self.params = jax.device_put(params, parallel.replicated(self.mesh))
+        self.params = jax.device_put(params, meshlib.replicated(self.mesh))
         self._forward = _sharded_forward(self.model, self.mesh)
 
     def _dispatch(self, images: np.ndarray):
@@ -143,7 +139,7 @@ class InceptionFeatureExtractor:
             raise ValueError(f"batch of {n} images exceeds the extractor's batch ({self.local_batch_size})")
         if n < self.local_batch_size:  # fixed shapes: one compilation
             x = np.concatenate([x, np.zeros((self.local_batch_size - n, *x.shape[1:]), np.uint8)])
-        sharding = parallel.batch_sharding(self.mesh, 4)
+        sharding = meshlib.batch_sharding(self.mesh, 4)
         global_x = jax.make_array_from_process_local_data(sharding, x, (self.batch_size, *x.shape[1:]))
         return self._forward(self.params, global_x), n
 
@@ -261,7 +257,7 @@ class ActivationSet:
 
 def compute_activations(images: Any, extractor: InceptionFeatureExtractor, *, num_images: int | None = None,
                         keep_pool: bool = True, keep_logits: bool = True, max_pool: int | None = None,
-                        desc: str = "inception", log: Callable[[str], None] | None = _log_stderr,
+                        desc: str = "inception", log: Callable[[str], None] | None = log_line,
                         every_secs: float = 30.0) -> ActivationSet:
     """Runs the extractor over `images` (an (N, H, W, 3) array, or an iterable of batches)."""
     total = num_images if num_images is not None else (len(images) if hasattr(images, "shape") else None)
@@ -370,7 +366,7 @@ def compute_metrics(fake: ActivationSet, reference, *, is_splits: int = 10, pr_k
 
 def evaluate_images(images: Any, reference, extractor: InceptionFeatureExtractor, *,
                     num_images: int | None = None, compute_pr: bool = True, is_splits: int = 10,
-                    pr_k: int = 3, log: Callable[[str], None] | None = _log_stderr,
+                    pr_k: int = 3, log: Callable[[str], None] | None = log_line,
                     every_secs: float = 30.0, pr_backend: str = "auto") -> dict[str, float]:
     """FID / IS / precision / recall of generated images against reference statistics
     (reference_stats.ReferenceStats). `images`: (N, H, W, 3) array or iterable of batches,
@@ -382,87 +378,3 @@ def evaluate_images(images: Any, reference, extractor: InceptionFeatureExtractor
     acts = compute_activations(images, extractor, num_images=num_images, keep_pool=keep,
                                desc="samples", log=log, every_secs=every_secs)
     return compute_metrics(acts, reference, is_splits=is_splits, pr_k=pr_k, compute_pr=want_pr, pr_backend=pr_backend)
-
-
-class PeriodicFID:
-    """In-training FID hook: every `every_steps` steps, draws `num_samples` images from
-    `sample_fn` and computes FID (and IS) against the reference statistics.
-
-        fid_hook = PeriodicFID(5000, lambda n, step: sample(state, n), "ref.npz", inception_params)
-        for step in range(1, num_steps + 1):
-            ...
-            metrics = fid_hook(step)   # {} unless it ran this step
-        metrics = fid_hook.compute(step)   # run now, whatever the step
-
-    It follows clu's `periodic_actions.PeriodicAction` protocol (every_steps / every_secs /
-    on_steps, the first call never triggers, `hook(step)` after each step), so it can sit in
-    the same hook list as clu's ReportProgress; it does not subclass it because importing
-    clu.periodic_actions pulls in TensorFlow (seconds) for every user of this module.
-    Calling it returns the metrics dict when it ran (truthy) and {} otherwise.
-
-    `extractor` reuses an existing InceptionFeatureExtractor (then inception_params may be None).
-    `sample_fn(num_samples, step)` returns an (N, H, W, 3) array or an iterable of batches
-    (uint8, or float in [0, 1]). Results go to `writer.write_scalars(step, metrics)` when a
-    clu metric writer is given, and are kept in `self.last_metrics`.
-    """
-
-    def __init__(self, every_steps: int, sample_fn: Callable[[int, int], Any], reference_path: str | Any,
-                 inception_params: Any, num_samples: int = 5000, *, mesh=None, batch_size: int | None = None,
-                 writer: Any = None, prefix: str | None = None, on_steps: Iterable[int] = (),
-                 every_secs: float | None = None, log: Callable[[str], None] | None = _log_stderr,
-                 compute_pr: bool = False, extractor: InceptionFeatureExtractor | None = None):
-        if every_steps is not None and every_steps < 1:
-            raise ValueError(f"every_steps must be >= 1 (or None), got {every_steps}")
-        self.every_steps, self.every_secs, self.on_steps = every_steps, every_secs, set(on_steps)
-        self._previous_step: int | None = None
-        self._previous_time: float | None = None
-        self.sample_fn = sample_fn
-        self.num_samples = int(num_samples)
-        if extractor is None and inception_params is None:
-            raise ValueError("PeriodicFID needs inception_params (or a ready extractor=...)")
-        self.extractor = extractor or InceptionFeatureExtractor(inception_params, mesh=mesh, batch_size=batch_size)
-        from softdimo_jax.evaluation.reference_stats import ReferenceStats, load_reference
-
-        self.reference = (reference_path if isinstance(reference_path, ReferenceStats)
-                          else load_reference(reference_path, need_features=compute_pr, extractor=self.extractor))
-        self.writer = writer
-        if prefix is None:  # e.g. "eval/fid5k"
-            prefix = f"eval/fid{self.num_samples // 1000}k" if self.num_samples % 1000 == 0 else "eval/fid"
-        self.prefix = prefix
-        self.log = log
-        self.compute_pr = compute_pr
-        self.last_metrics: dict[str, float] | None = None
-
-    def compute(self, step: int) -> dict[str, float]:
-        t0 = time.monotonic()
-        images = self.sample_fn(self.num_samples, step)
-        m = evaluate_images(images, self.reference, self.extractor, num_images=self.num_samples,
-                            compute_pr=self.compute_pr, log=self.log, every_secs=60.0)
-        metrics = {self.prefix if k == "fid" else f"{self.prefix}_{k}": v for k, v in m.items() if k != "num_samples"}
-        metrics[f"{self.prefix}_secs"] = time.monotonic() - t0
-        self.last_metrics = metrics
-        if self.writer is not None:
-            self.writer.write_scalars(step, metrics)
-        if self.log is not None:
-            self.log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        return metrics
-
-    def _should_trigger(self, step: int, t: float) -> bool:
-        if step == self._previous_step:
-            return False
-        if self.every_steps is not None and step % self.every_steps == 0:
-            return True
-        if self.every_secs is not None and t - self._previous_time > self.every_secs:
-            return True
-        return step in self.on_steps
-
-    def __call__(self, step: int, t: float | None = None) -> dict[str, float]:
-        t = time.monotonic() if t is None else t
-        if self._previous_step is None:  # like clu: the first call only starts the clock
-            self._previous_step, self._previous_time = step, t
-            return {}
-        if not self._should_trigger(step, t):
-            return {}
-        metrics = self.compute(step)
-        self._previous_step, self._previous_time = step, time.monotonic()
-        return metrics

@@ -7,8 +7,10 @@ An ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`) holds `mu`, `sig
 usually `arr_0` (its uint8 images); `load_reference` reads those mu/sigma as they are and,
 when precision/recall is wanted, computes the reference features from `arr_0`.
 
-    python -c "from softdimo_jax.evaluation.reference_stats import *; ..."   # or the CLI:
-    python -m softdimo_jax.evaluate reference --tfds imagenet2012 --split train --out ref.npz
+From the command line:
+
+    python -m softdimo_jax.evaluate --make-reference imagenet2012 --split train \
+        --reference ref_imagenet256.npz --inception pt_inception-2015-12-05-6726825d.pth
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, _log_stderr, compute_activations
+from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, compute_activations
+from softdimo_jax.runtime.artifacts import log as log_line
 
 
 @dataclasses.dataclass
@@ -64,7 +67,7 @@ def save_reference(path: str, ref: ReferenceStats) -> str:
 
 
 def load_reference(path: str, *, need_features: bool = False, extractor: InceptionFeatureExtractor | None = None,
-                   max_features: int | None = None, log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+                   max_features: int | None = None, log: Callable[[str], None] | None = log_line) -> ReferenceStats:
     """Reads our reference `.npz` or an ADM reference batch.
 
     mu/sigma are taken from the file when present (an ADM batch's statistics were made on
@@ -104,7 +107,7 @@ def load_reference(path: str, *, need_features: bool = False, extractor: Incepti
 
 def reference_from_images(images: Any, extractor: InceptionFeatureExtractor, *, num_images: int | None = None,
                           max_features: int | None = 50_000, source: str = "",
-                          log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+                          log: Callable[[str], None] | None = log_line) -> ReferenceStats:
     """Reference statistics of a stream of real images (array or iterable of batches)."""
     acts = compute_activations(images, extractor, num_images=num_images, keep_logits=False,
                                keep_pool=max_features != 0, max_pool=max_features, desc="reference", log=log)
@@ -150,7 +153,7 @@ def iter_data_source(source: Sequence[Any], indices: Sequence[int], *, image_key
 def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
                         data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
                         seed: int = 0, image_key: str = "image", max_features: int | None = 50_000,
-                        workers: int = 8, log: Callable[[str], None] | None = _log_stderr) -> ReferenceStats:
+                        workers: int = 8, log: Callable[[str], None] | None = log_line) -> ReferenceStats:
     """Reference statistics of a tfds dataset prepared as array_record (`tfds.data_source`).
 
     Takes `num_samples` images (a seeded random subset; None = the whole split), ADM

@@ -14,6 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.parity import Check, Fixture, compare
+from softdimo_jax.conversion.maskgen import convert_clip_text, convert_maskgen_vq, convert_tatitok
+from softdimo_jax.data.clip_bpe import ClipBPETokenizer, default_merges_path
+from softdimo_jax.models.clip_text import clip_text_from_cfg, drop_to_null
+from softdimo_jax.models.maskgen import MaskGenVQ, aesthetic_embedding, guided_logits, maskgen_vq_from_cfg
+from softdimo_jax.models.tatitok import TATiTok, tatitok_from_cfg
+from softdimo_jax.sampling.maskgen_sampler import maskgen_generate
 
 
 def _hi():
@@ -27,10 +33,6 @@ def _jit(model, method=None):
 
 # ----------------------------------------------------------------------------------------
 def check_maskgen_vq(fx: Fixture) -> list[Check]:
-    from softdimo_jax.conversion.maskgen import convert_maskgen_vq
-    from softdimo_jax.models.maskgen import MaskGenVQ, aesthetic_embedding, guided_logits, maskgen_vq_from_cfg
-    from softdimo_jax.sampling.maskgen_sampler import maskgen_generate
-
     model = maskgen_vq_from_cfg(fx.cfg)
     params = convert_maskgen_vq(fx.sd, model, name=f"{fx.path}:sd")
     v = {"params": params}
@@ -100,9 +102,6 @@ def _check_generate(fx, model, params, maskgen_generate) -> list[Check]:
 def check_clip_text(fx: Fixture) -> list[Check]:
     import os
 
-    from softdimo_jax.conversion.maskgen import convert_clip_text
-    from softdimo_jax.data.clip_bpe import ClipBPETokenizer, default_merges_path
-    from softdimo_jax.models.clip_text import clip_text_from_cfg, drop_to_null
 
     model = clip_text_from_cfg(fx.cfg)
     params = convert_clip_text(fx.sd, model, name=f"{fx.path}:sd")
@@ -141,9 +140,6 @@ def _c1l(x):
 
 
 def check_tatitok(fx: Fixture) -> list[Check]:
-    from softdimo_jax.conversion.maskgen import convert_tatitok
-    from softdimo_jax.models.tatitok import TATiTok, tatitok_from_cfg
-
     model = tatitok_from_cfg(fx.cfg)
     params = convert_tatitok(fx.sd, model, name=f"{fx.path}:sd")
     v = {"params": params}

@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -246,7 +246,7 @@ def _untyped(x, auto_meshes: dict):
         return x
     key = id(sharding.mesh)
     if key not in auto_meshes:
-        auto_meshes[key] = parallel.as_auto_mesh(sharding.mesh)
+        auto_meshes[key] = meshlib.as_auto_mesh(sharding.mesh)
     return jax.device_put(x, NamedSharding(auto_meshes[key], sharding.spec))
 
 
@@ -268,10 +268,10 @@ def make_sharded_sampler(
 
     `logits_fn_factory(params)` builds the logits closure inside the jitted function, so params
     stay an explicit argument (never baked in as constants). With `mesh` (a
-    softdimo_jax.parallel mesh), labels and outputs are split over all mesh axes and the batch
+    softdimo_jax.runtime.mesh mesh), labels and outputs are split over all mesh axes and the batch
     size must be a multiple of the mesh size; params are replicated unless `params_sharding`
-    (a sharding or a pytree of them, e.g. parallel.params_shardings(mesh, ..., fsdp=True))
-    says otherwise. Outputs live on the Auto-typed twin of the mesh (parallel.as_auto_mesh).
+    (a sharding or a pytree of them, e.g. meshlib.params_shardings(mesh, ..., fsdp=True))
+    says otherwise. Outputs live on the Auto-typed twin of the mesh (meshlib.as_auto_mesh).
     """
     kwargs = dict(num_tokens=num_tokens, splits=splits, vocab_size=vocab_size, **sample_kwargs)
 
@@ -281,12 +281,12 @@ def make_sharded_sampler(
     if mesh is None:
         jitted = jax.jit(run)
     else:
-        amesh = parallel.as_auto_mesh(mesh)
-        batch = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES))
-        out_sharding = NamedSharding(amesh, PartitionSpec(parallel.DATA_AXES, None, None))
+        amesh = meshlib.as_auto_mesh(mesh)
+        batch = NamedSharding(amesh, PartitionSpec(meshlib.DATA_AXES))
+        out_sharding = NamedSharding(amesh, PartitionSpec(meshlib.DATA_AXES, None, None))
         if sample_kwargs.get("return_intermediates"):
             # intermediates carry the step axis first; their batch axis is axis 1.
-            step_batch = NamedSharding(amesh, PartitionSpec(None, parallel.DATA_AXES))
+            step_batch = NamedSharding(amesh, PartitionSpec(None, meshlib.DATA_AXES))
             out_sharding = (out_sharding, {"predicted": step_batch, "tokens": step_batch})
         if params_sharding is None:
             params_in = NamedSharding(amesh, PartitionSpec())
@@ -303,7 +303,7 @@ def make_sharded_sampler(
     def sampler(params, rng, labels):
         labels = jnp.asarray(labels, jnp.int32)
         if mesh is not None:
-            parallel.check_batch_divisible(labels.shape[0], mesh)
+            meshlib.check_batch_divisible(labels.shape[0], mesh)
         cache: dict = {}
         params, rng, labels = jax.tree.map(lambda x: _untyped(x, cache), (params, rng, labels))
         return jitted(params, rng, labels)

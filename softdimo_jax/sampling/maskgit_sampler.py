@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from softdimo_jax import parallel
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.models.maskgit import perturb_embeddings
 
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -235,18 +235,18 @@ def _jit_batch_sharded(run, mesh, params_sharding, out_ndim: int):
         jitted = jax.jit(
             run,
             in_shardings=(
-                parallel.replicated(mesh) if params_sharding is None else params_sharding,
-                parallel.replicated(mesh),
-                parallel.batch_sharding(mesh, 1),
+                meshlib.replicated(mesh) if params_sharding is None else params_sharding,
+                meshlib.replicated(mesh),
+                meshlib.batch_sharding(mesh, 1),
             ),
-            out_shardings=parallel.batch_sharding(mesh, out_ndim),
+            out_shardings=meshlib.batch_sharding(mesh, out_ndim),
         )
 
     @functools.wraps(run)
     def sampler(params, rng, labels):
         labels = jnp.asarray(labels, jnp.int32)
         if mesh is not None:
-            parallel.check_batch_divisible(labels.shape[0], mesh)
+            meshlib.check_batch_divisible(labels.shape[0], mesh)
         return jitted(params, rng, labels)
 
     sampler.jitted = jitted

@@ -8,7 +8,7 @@ noise, plus the class label. One forward gives logits z (B, L, S, V); then
 - 'soft': the expected ±1 bits under softmax(z / tau) (SPEC §1.2), decoded directly; the
   decoder reads continuous bits, so the soft sample is a smooth function of the generator.
 
-The EMA weights are the default (`student_params(state)`), as in the reference.
+The EMA weights are the default (`core.dimo.generator_params(state)`), as in the reference.
 `sample_cli_hook` has the signature `softdimo_jax.sample` expects for `--mode student`.
 """
 
@@ -20,17 +20,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from softdimo_jax import parallel
+import numpy as np
+
+from softdimo_jax.core.adapters import LFQBertAdapter
+from softdimo_jax.core.dimo import perturb
+from softdimo_jax.core.masking import initial_tokens
 from softdimo_jax.models import lfq
 from softdimo_jax.models.soft_embed import SoftEmbedder
-from softdimo_jax.training import distill
+from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.sampling.batching import padded_label_batches
 
 MODES = ("hard", "soft")
-
-
-def student_params(state, use_ema: bool = True):
-    """The generator weights of a `DistillState` (EMA by default)."""
-    return state.ema_params if use_ema else state.gen_params
 
 
 def one_step_logits(adapter, params, rng, labels, *, r_init: float = 0.6, sigma_init: float = 0.1,
@@ -47,9 +47,9 @@ def initial_embeddings(adapter, params, rng, labels, *, r_init: float, sigma_ini
     """The generator's input: embedded initial state (exactly round(r_init·L) MASK positions),
     σ-perturbed. TTEO optimises this tensor; plain sampling uses it as drawn."""
     k_tok, k_eps = jax.random.split(rng)
-    _, tokens = distill.initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
+    _, tokens = initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
     e = adapter.embed(params, tokens)
-    return distill.perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
+    return perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
 
 
 def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float = 0.6,
@@ -62,9 +62,9 @@ def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float 
         raise ValueError(f"unknown student sampling mode {mode!r}; choose one of {MODES}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
-    adapter = distill.LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
+    adapter = LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
-    mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+    mesh = meshlib.as_auto_mesh(mesh if mesh is not None else meshlib.make_mesh())
 
     def fn(params, rng, labels):
         k_in, k_out = jax.random.split(rng)
@@ -76,11 +76,11 @@ def make_student_sampler(model, *, mesh=None, mode: str = "hard", r_init: float 
             return {"tokens": jnp.argmax(z, axis=-1).astype(jnp.int32)}
         return {"tokens": jax.random.categorical(k_out, z / temperature, axis=-1).astype(jnp.int32)}
 
-    jitted = jax.jit(fn, in_shardings=(None, parallel.replicated(mesh), parallel.batch_sharding(mesh, 1)))
+    jitted = jax.jit(fn, in_shardings=(None, meshlib.replicated(mesh), meshlib.batch_sharding(mesh, 1)))
 
     def sample(params, rng, labels):
         labels = jnp.asarray(labels, jnp.int32)
-        parallel.check_batch_divisible(labels.shape[0], mesh)
+        meshlib.check_batch_divisible(labels.shape[0], mesh)
         return jitted(params, rng, labels)
 
     return sample
@@ -116,6 +116,18 @@ def make_student_image_sampler(model, tokenizer, distill_config, mode: str = "ha
     sample = sampler_from_config(model, distill_config, mode, mesh)
     decode = jax.jit(lambda tp, out: decode_images(tokenizer, tp, out, model.num_bits, model.splits))
     return lambda gp, tp, rng, labels: decode(tp, sample(gp, rng, labels))
+
+
+def sample_student_images(model, params, tokenizer, tok_params, distill_config, labels, mode: str, mesh,
+                          batch_size: int, seed: int) -> np.ndarray:
+    """One-step student samples of `labels`, decoded to images (N, H, W, C) in [0, 1]; batch
+    i uses rng fold_in(PRNGKey(seed), i) (the stream TTEO rows reuse)."""
+    sample = make_student_image_sampler(model, tokenizer, distill_config, mode, mesh)
+    out = []
+    for i, padded, n in padded_label_batches(labels, batch_size, mesh.size):
+        imgs = sample(params, tok_params, jax.random.fold_in(jax.random.PRNGKey(seed), i), padded)
+        out.append(np.asarray(imgs)[:n])
+    return np.concatenate(out)
 
 
 def sample_cli_hook(model, mesh, sampler_kwargs: dict) -> Callable:

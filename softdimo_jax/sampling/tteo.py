@@ -27,10 +27,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from softdimo_jax import parallel
+from softdimo_jax.core.adapters import LFQBertAdapter
 from softdimo_jax.models.soft_embed import SoftEmbedder
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.sampling.student import initial_embeddings
-from softdimo_jax.training import distill
 
 MAX_BEST_OF = 16
 SELECT = ("reward", "reward_confidence")
@@ -80,11 +80,11 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
         raise ValueError(f"unknown TTEO selection score {select!r}; choose one of {SELECT}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
-    adapter = distill.LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
+    adapter = LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
     # The soft decode the reward sees is deterministic ('soft' expectation) unless the
     # relaxation itself is stochastic; Gumbel modes get a fixed key per call.
-    mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+    mesh = meshlib.as_auto_mesh(mesh if mesh is not None else meshlib.make_mesh())
     grid = tuple(grid)
 
     def soft_reward(gp, tp, rp, e, labels, k_soft):
@@ -132,12 +132,12 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
         out["reward_final"] = r_kept
         return out
 
-    jitted = jax.jit(fn, in_shardings=(None, None, None, parallel.replicated(mesh),
-                                       parallel.batch_sharding(mesh, 1)))
+    jitted = jax.jit(fn, in_shardings=(None, None, None, meshlib.replicated(mesh),
+                                       meshlib.batch_sharding(mesh, 1)))
 
     def sample(gen_params, tokenizer_params, reward_params, rng, labels):
         labels = jnp.asarray(labels, jnp.int32)
-        parallel.check_batch_divisible(labels.shape[0], mesh)
+        meshlib.check_batch_divisible(labels.shape[0], mesh)
         return jitted(gen_params, tokenizer_params, reward_params, rng, labels)
 
     sample.cost = tteo_cost(steps, best_of)

@@ -1,9 +1,13 @@
-"""Distillation adapters for the MaskGIT (class-to-image) and MaskGen (text-to-image) teachers.
+"""Model adapters: how the distillation algorithm talks to one teacher architecture.
 
-An adapter tells `softdimo_jax.training.distill.Distiller` how to talk to one architecture
-(see `LFQBertAdapter` there for the interface): token layout (num_tokens, splits S = 1 here,
-vocab_size V, mask_token), `embed`, `student_logits` -> (B, L, 1, V), `teacher_logits`, and
-the parameter paths of the logical frozen groups.
+An adapter holds two clones of one Flax module class: `teacher` (frozen, deterministic,
+never remat) and `student` (generator and auxiliary: the distillation dropout, compute
+dtype and remat setting); parameters are shared in layout. It exposes the token layout
+(num_tokens, splits S, vocab_size V, mask_token, num_classes), `embed`,
+`student_logits` -> (B, L, S, V), `teacher_logits`, and the parameter paths of the
+logical frozen groups (`frozen_groups`).
+
+MaskBit (`LFQBert`): (B, L, S) sub-token ids, S splits of the LFQ bits.
 
 MaskGIT (`MaskGITTransformer`): the head returns K + 1 logits (visual tokens and MASK);
 generator, auxiliary and teacher distributions use the K visual columns only, so the
@@ -34,8 +38,102 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softdimo_jax.models import lfq
 from softdimo_jax.models.clip_text import drop_to_null
-from softdimo_jax.training.distill import teacher_student_clones
+from softdimo_jax.models.maskbit_bert import LFQBert
+from softdimo_jax.models.maskgen import MaskGenVQ
+from softdimo_jax.models.maskgit import MaskGITTransformer
+
+
+def teacher_student_clones(module: nn.Module, *, dropout: float | None = None, dtype=None,
+                           remat: bool | None = None):
+    """(teacher, student) copies of one module class for an adapter: both in `dtype` (default
+    the module's); the teacher never remats (no backward through it); the student takes
+    `remat` and `dropout` when given (None keeps the module's)."""
+    dtype = module.dtype if dtype is None else jnp.dtype(dtype)
+    teacher = module.clone(dtype=dtype, remat=False)
+    overrides = dict(dtype=dtype, remat=module.remat if remat is None else bool(remat))
+    if dropout is not None:
+        overrides["dropout"] = float(dropout)
+    return teacher, module.clone(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class LFQBertAdapter:
+    """Wraps a MaskBit `LFQBert` for distillation.
+
+    `teacher` runs deterministically; `student` (generator and auxiliary) carries the
+    distillation dropout, compute dtype and remat setting. Parameters are shared in layout.
+    """
+
+    teacher: nn.Module
+    student: nn.Module
+    # PRNG of the dropout masks: 'threefry' (default; identical on any mesh) or 'rbg' /
+    # 'unsafe_rbg' (XLA's RngBitGenerator: about half the CPU cost per mask, but the masks
+    # may depend on the sharding and the XLA version).
+    dropout_rng: str = "threefry"
+
+    # Logical frozen groups -> parameter paths of this architecture.
+    frozen_groups = {
+        "input_embedding": ("input_proj",),
+        "output_bias": ("prediction/bias",),
+        "position_embedding": ("pos_emb",),
+    }
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, dropout: float | None = None, dtype=None,
+                    remat: bool | None = None, dropout_rng: str = "threefry") -> "LFQBertAdapter":
+        teacher, student = teacher_student_clones(module, dropout=dropout, dtype=dtype, remat=remat)
+        if dropout_rng not in ("threefry", "rbg", "unsafe_rbg"):
+            raise ValueError(f"dropout_rng must be 'threefry', 'rbg' or 'unsafe_rbg', got {dropout_rng!r}")
+        return cls(teacher=teacher, student=student, dropout_rng=dropout_rng)
+
+    # Shapes.
+    @property
+    def num_tokens(self) -> int:
+        return self.student.num_tokens
+
+    @property
+    def splits(self) -> int:
+        return self.student.splits
+
+    @property
+    def vocab_size(self) -> int:
+        return self.student.vocab_size
+
+    @property
+    def mask_token(self) -> int:
+        return self.student.mask_token
+
+    @property
+    def num_classes(self) -> int:
+        return self.student.num_classes
+
+    @property
+    def student_dropout(self) -> float:
+        return float(self.student.dropout)
+
+    # Calls.
+    def embed(self, params, tokens):
+        """(B, L, S) sub-token ids -> (B, L, d) input embeddings of the student."""
+        bits = lfq.subtokens_to_bits(tokens, self.student.num_bits, self.student.splits)
+        return self.student.apply({"params": params}, bits, method=type(self.student).embed_bits)
+
+    def student_logits(self, params, labels, *, tokens=None, embeddings=None, rng=None):
+        """Generator / auxiliary forward; dropout active when rng is given."""
+        train = rng is not None and self.student_dropout > 0
+        if train and self.dropout_rng != "threefry":
+            rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=self.dropout_rng)
+        return self.student.apply(
+            {"params": params}, tokens, labels, input_embeddings=embeddings,
+            deterministic=not train, rngs={"dropout": rng} if train else None,
+        )
+
+    def teacher_logits(self, params, tokens, labels, drop_label_mask=None):
+        return self.teacher.apply(
+            {"params": params}, tokens, labels, drop_label_mask=drop_label_mask, deterministic=True
+        )
+
 
 
 def _only_split(tokens):
@@ -182,18 +280,20 @@ class MaskGenAdapter:
         return self._apply(self.teacher, params, labels, _only_split(tokens), None)
 
 
-def make_family_adapter(module: nn.Module, config, **kwargs):
-    """MaskGIT / MaskGen adapters for `distill.make_adapter`; None for other modules.
+def make_adapter(module: nn.Module, config, **kwargs):
+    """The adapter for `module` under `config` (a distill ConfigDict).
 
     MaskGen needs keyword arguments `null_condition` (1, T, W) and `null_pooled` (1, 1, E)
     (`softdimo_jax.data.prompts.PromptConditions` holds them); `config.aesthetic_score`
-    (default 6.5) is its micro-condition."""
-    from softdimo_jax.models.maskgen import MaskGenVQ
-    from softdimo_jax.models.maskgit import MaskGITTransformer
-
+    (default 6.5) is its micro-condition. The other families take no keyword arguments."""
+    if isinstance(module, (LFQBert, MaskGITTransformer)) and kwargs:
+        raise TypeError(f"the {type(module).__name__} adapter takes no extra arguments, got {sorted(kwargs)}")
+    if isinstance(module, LFQBert):
+        return LFQBertAdapter.from_module(
+            module, dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat,
+            dropout_rng=config.get("dropout_rng", "threefry"),
+        )
     if isinstance(module, MaskGITTransformer):
-        if kwargs:
-            raise TypeError(f"the MaskGIT adapter takes no extra arguments, got {sorted(kwargs)}")
         return MaskGITAdapter.from_module(module, dropout=config.dropout, dtype=config.compute_dtype,
                                           remat=config.remat)
     if isinstance(module, MaskGenVQ):
@@ -207,4 +307,6 @@ def make_family_adapter(module: nn.Module, config, **kwargs):
             module, kwargs.pop("null_condition"), kwargs.pop("null_pooled"),
             aesthetic_score=config.get("aesthetic_score", 6.5),
             dropout=config.dropout, dtype=config.compute_dtype, remat=config.remat, **kwargs)
-    return None
+    raise NotImplementedError(
+        f"no distillation adapter for {type(module).__name__}; add one in softdimo_jax/core/adapters.py"
+    )

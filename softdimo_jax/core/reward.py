@@ -1,4 +1,5 @@
-"""Differentiable rewards, registered by name (SPEC §1.4, §1.5).
+"""Differentiable rewards, registered by name (SPEC §1.4, §1.5), and the reward
+fine-tuning phase that trains the one-step generator on them.
 
 A reward is a pure function `apply(params, images, condition) -> (B,)` with images NHWC
 float32 in [0, 1] and `condition` whatever the generator was conditioned on (class ids
@@ -15,6 +16,17 @@ Rewards are built from the registry by name:
 A factory receives every keyword resource the caller has (models, params, configs) and
 picks what it needs, so one `build_reward_set(config.rewards, **resources)` call serves any
 mix of rewards.
+
+Reward fine-tuning (`RewardRefiner`):
+
+    L = w_dimo · L_DiMO − w_reward · Σ_i λ_i R_i(Dec(ẽ_Dec), c)
+
+ẽ_Dec are the decoder-side soft embeddings (for MaskBit: expected ±1 bits under
+softmax(z_θ/τ), reshaped to the token grid), Dec the FROZEN tokenizer decoder, R_i the
+registered rewards with their FROZEN weights. The reward gradient reaches z_θ through the
+decoder and joins Di[M]O's cotangent g/B in the same generator backward (the Distiller's
+`extra_loss`); the auxiliary update and EMA keep running. The reward term is a batch mean,
+like the GAN term.
 """
 
 from __future__ import annotations
@@ -24,6 +36,9 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from softdimo_jax.core.gan import make_refine_distiller
+from softdimo_jax.models.soft_embed import SoftEmbedder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,3 +176,47 @@ def digits_classifier_logprob(*, classifier_apply=None, classifier_params=None,
 def brightness(**_unused) -> Reward:
     """Mean pixel value: a weight-free toy reward (tests, smoke runs)."""
     return Reward("brightness", lambda params, images, condition: jnp.mean(images, axis=(1, 2, 3)), {})
+
+
+# --------------------------------------------------------------------------- reward fine-tuning
+
+
+def soft_decode_images(tokenizer, tokenizer_params, embedder, z, grid, rng=None):
+    """(B, L, S, V) generator logits -> decoded soft images (B, H, W, C), unclamped."""
+    bits = embedder.decoder_bits(z, grid, rng)
+    return tokenizer.apply({"params": tokenizer_params}, bits, method=type(tokenizer).decode_bits)
+
+
+class RewardRefiner:
+    """The reward phase. `step(state, rng, frozen)` with frozen = {"teacher", "tokenizer",
+    "reward"} (reward = `reward_set.params`) -> (DistillState, metrics)."""
+
+    def __init__(self, adapter, distill_config, reward_config, tokenizer, reward_set, grid, mesh=None):
+        self.adapter = adapter
+        self.config = reward_config
+        self.tokenizer = tokenizer
+        self.reward_set = reward_set
+        self.grid = tuple(grid)
+        self.distiller = make_refine_distiller(adapter, distill_config, reward_config, mesh)
+        self.mesh = self.distiller.mesh
+        self.embedder = SoftEmbedder(mode=str(reward_config.soft_mode), tau=float(reward_config.soft_tau))
+
+    def init_state(self, dimo_state):
+        return self.distiller.restart_from(dimo_state)
+
+    def reward_loss(self, tokenizer_params, reward_params, z, labels, rng):
+        images = soft_decode_images(self.tokenizer, tokenizer_params, self.embedder, z, self.grid, rng)
+        total, parts = self.reward_set.total(reward_params, images, labels)
+        stats = {"reward": jnp.mean(total)}
+        stats.update({f"reward_{k}": jnp.mean(v) for k, v in parts.items()})
+        return -float(self.config.w_reward) * jnp.mean(total), (stats, None)
+
+    def step(self, state, rng, frozen):
+        extra = lambda z, labels, k: self.reward_loss(frozen["tokenizer"], frozen["reward"], z, labels, k)
+        new_state, metrics, _ = self.distiller.step_fn(state, frozen["teacher"], rng, extra_loss=extra)
+        metrics = dict(metrics, loss=metrics["gen_loss"])
+        return new_state, metrics
+
+    def trainer_step_fn(self):
+        """`step_fn(state, batch, rng, step, frozen)` for runtime.trainer.Trainer (data-free)."""
+        return lambda state, batch, rng, step, frozen: self.step(state, rng, frozen)

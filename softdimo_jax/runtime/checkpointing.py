@@ -18,21 +18,18 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from softdimo_jax.runtime.artifacts import is_remote
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint on disk was made by a different config (model size, optimiser...)."""
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path  # gs://, s3://: orbax/etils handle them; abspath would mangle them
-
-
 def checkpoint_dir(stage_dir: str) -> str:
     path = os.path.join(stage_dir, "checkpoints")
-    return path if _is_remote(path) else os.path.abspath(path)
+    return path if is_remote(path) else os.path.abspath(path)  # abspath would mangle gs://
 
 
 def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
@@ -148,14 +145,3 @@ def json_diff(a, b, prefix: str = "") -> list[str]:
     if a != b:
         return [f"{prefix[:-1] or '<root>'}: {json.dumps(a)} -> {json.dumps(b)}"]
     return []
-
-
-def to_jsonable(config) -> Any:
-    """ConfigDict / nested dicts -> plain JSON types (for checkpoint metadata)."""
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    return json.loads(json.dumps(config, default=str))
-
-
-def host_copy(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

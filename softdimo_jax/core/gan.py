@@ -14,10 +14,10 @@ on digits; the tfds pipeline at scale) and fed as token ids. Every step:
   back through the teacher and the soft embedding;
 - discriminator: BCE on sg(fake) and real, plus an optional R1 (on the tapped features of
   real inputs: the heads are the only trainable part) or LeCam term; own optimiser/lr;
-- the Di[M]O auxiliary update and the EMA keep running (distill.py does them).
+- the Di[M]O auxiliary update and the EMA keep running (core/dimo.py does them).
 
-This file holds the GAN-specific pieces; `make_gan_step` composes them with the
-distillation step of `softdimo_jax.training.distill`.
+This file holds the GAN-specific pieces; `GanRefiner` composes them with the distillation
+step of `softdimo_jax.core.dimo` (its loss enters as the step's explicit `extra_loss`).
 """
 
 from __future__ import annotations
@@ -29,28 +29,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from softdimo_jax.core.dimo import Distiller, refine_distill_config
+from softdimo_jax.core.masking import mask_positions, random_position_mask
+from softdimo_jax.core.optim import make_optimizer
 from softdimo_jax.models import lfq
+from softdimo_jax.models.discriminator import discriminator_from_config, init_discriminator
+from softdimo_jax.models.soft_embed import SoftEmbedder
 
 
-# --------------------------------------------------------------------------- masking
-
-
-def random_position_mask(rng, batch: int, length: int, r_max: float):
-    """Per sample r ~ U[0, r_max]; exactly round(r·L) positions masked (argsort of noise).
-    -> (mask (B, L) bool, r_eff (B,) = masked count / L, the value the heads condition on)."""
-    if not 0.0 <= r_max < 1.0:
-        raise ValueError(f"gan r_max must be in [0, 1), got {r_max}")
-    r_rng, n_rng = jax.random.split(rng)
-    r = jax.random.uniform(r_rng, (batch,), minval=0.0, maxval=r_max)
-    k = jnp.round(r * length).astype(jnp.int32)
-    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(n_rng, (batch, length)), axis=-1), axis=-1)
-    mask = ranks < k[:, None]
-    return mask, k.astype(jnp.float32) / length
-
-
-def mask_positions(bits, mask):
-    """(B, L, bits) with (B, L) mask -> MASK (zero bits) where mask is true."""
-    return jnp.where(mask[..., None], jnp.zeros((), bits.dtype), bits)
+# --------------------------------------------------------------------------- real inputs
 
 
 def real_bits_from_indices(indices, num_bits: int):
@@ -94,10 +81,9 @@ class DiscState:
 
 
 def make_disc_optimizer(gan_config) -> optax.GradientTransformation:
-    tx = optax.adam(gan_config.disc_lr, b1=gan_config.disc_b1, b2=gan_config.disc_b2)
-    if gan_config.disc_grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(gan_config.disc_grad_clip), tx)
-    return tx
+    """Adam at a constant disc_lr (eps 1e-8), clipped when disc_grad_clip > 0."""
+    return make_optimizer(gan_config.disc_lr, optimizer="adam", b1=gan_config.disc_b1,
+                          b2=gan_config.disc_b2, grad_clip=gan_config.disc_grad_clip)
 
 
 def init_disc_state(disc_params, tx) -> DiscState:
@@ -172,96 +158,16 @@ def disc_update(disc, tx, gan_config) -> Callable:
 # --------------------------------------------------------------------------- the refinement step
 
 
-def refine_distill_config(distill_config, phase_config):
-    """The distillation config with the phase's generator optimiser and batch size.
-
-    The auxiliary keeps the distillation learning rate (`aux_lr`); it shares the phase's
-    optimiser family (Distiller builds both from one config)."""
-    c = distill_config.copy_and_resolve_references()
-    aux_lr = distill_config.lr if distill_config.aux_lr is None or distill_config.aux_lr < 0 else distill_config.aux_lr
-    c.aux_lr = float(aux_lr)
-    c.optimizer = str(phase_config.gen_optimizer)
-    c.lr = float(phase_config.gen_lr)
-    c.weight_decay = float(phase_config.gen_weight_decay)
-    c.warmup_steps = int(phase_config.gen_warmup_steps)
-    c.grad_clip = float(phase_config.gen_grad_clip)
-    c.batch_size = int(phase_config.batch_size)
-    return c
-
-
-def _refine_distiller_cls():
-    from softdimo_jax.training import distill
-
-    class RefineDistiller(distill.Distiller):
-        """A Distiller whose generator gradient adds an extra differentiable loss on z_θ.
-
-        Di[M]O's generator gradient is a vjp of z_θ with cotangent g/B; an extra loss
-        L_x(z_θ) (GAN through the teacher, reward through the decoder) contributes ∂L_x/∂z_θ
-        to the same cotangent, so ONE generator backward serves both terms. `extra` is set
-        for the duration of a trace: fn(z (stop-gradient), labels, rng) -> (loss, (stats,
-        aux)); its aux output is left in `extra_out` for the caller (e.g. fake features for
-        the discriminator). With w_dimo = 0 only the extra loss drives the generator.
-        """
-
-        def __init__(self, adapter, config, mesh=None, w_dimo: float = 1.0):
-            super().__init__(adapter, config, mesh)
-            self.w_dimo = float(w_dimo)
-            self.extra = None
-            self.extra_out = None
-
-        def combine_cotangent(self, cot_dimo, z_gen, labels, rng, stats):
-            # Distiller.generator_cotangent computed steps 1-5; add the extra term's gradient.
-            stats["dimo_loss"] = stats.pop("gen_loss")
-            cot = self.w_dimo * cot_dimo
-            if self.extra is not None:
-                z_sg = jax.lax.stop_gradient(z_gen).astype(jnp.float32)
-                (x_loss, (x_stats, x_aux)), x_cot = jax.value_and_grad(self.extra, has_aux=True)(
-                    z_sg, labels, jax.random.fold_in(rng, 0x6A4))
-                x_cot = jnp.where(jnp.isfinite(x_cot), x_cot, 0.0)
-                cot = cot + x_cot
-                stats.update(x_stats)
-                stats["extra_loss"] = x_loss
-                stats["extra_cot_norm"] = jnp.sqrt(jnp.sum(x_cot**2))
-                stats["dimo_cot_norm"] = jnp.sqrt(jnp.sum(cot_dimo**2))
-                self.extra_out = (x_aux, labels)
-            stats["gen_loss"] = stats["dimo_loss"] * self.w_dimo + stats.get("extra_loss", 0.0)
-            return cot, stats
-
-        def init_from(self, dimo_state):
-            """Phase start from a distilled state: θ, ψ and the EMA carried over, fresh
-            optimiser states for this phase's optimisers (their structure may differ), step 0."""
-            gen_opt, aux_opt = self._optimizers(dimo_state.gen_params)
-            # step restarts at 0: the EMA warm-up rate min(ema_max, (1+s)/(10+s)) restarts,
-            # so the EMA follows this phase's weights instead of lagging on the last one.
-            return dimo_state.replace(
-                step=jnp.zeros_like(dimo_state.step),
-                gen_opt_state=gen_opt.init(dimo_state.gen_params),
-                aux_opt_state=aux_opt.init(dimo_state.aux_params),
-            )
-
-        def run_with_extra(self, extra, dimo_state, teacher_params, rng):
-            """One Di[M]O iteration (generator + auxiliary + EMA) with `extra` active.
-            -> (new dimo state, metrics, extra aux output, generator labels)."""
-            self.extra, self.extra_out = extra, None
-            try:
-                new_state, metrics = self._step_fn(dimo_state, teacher_params, rng)
-                out = self.extra_out
-            finally:
-                self.extra, self.extra_out = None, None
-            return new_state, metrics, out
-
-    return RefineDistiller
-
-
-def make_refine_distiller(adapter, distill_config, phase_config, mesh=None):
-    cls = _refine_distiller_cls()
-    return cls(adapter, refine_distill_config(distill_config, phase_config), mesh,
-               w_dimo=float(phase_config.get("w_dimo", 1.0)))
+def make_refine_distiller(adapter, distill_config, phase_config, mesh=None) -> Distiller:
+    """The Di[M]O half of a refinement phase (GAN or reward): the phase's generator
+    optimiser and batch size, Di[M]O term scaled by `w_dimo`."""
+    return Distiller(adapter, refine_distill_config(distill_config, phase_config), mesh,
+                     w_dimo=float(phase_config.get("w_dimo", 1.0)))
 
 
 @flax.struct.dataclass
 class GanState:
-    dimo: Any  # distill.DistillState
+    dimo: Any  # core.dimo.DistillState
     disc: DiscState
 
 
@@ -276,9 +182,6 @@ class GanRefiner:
     """
 
     def __init__(self, adapter, distill_config, gan_config, mesh=None, tokenizer=None):
-        from softdimo_jax.models.discriminator import discriminator_from_config
-        from softdimo_jax.models.soft_embed import SoftEmbedder
-
         self.adapter = adapter
         self.config = gan_config
         self.tokenizer = tokenizer
@@ -297,13 +200,11 @@ class GanRefiner:
         feats = jax.eval_shape(
             lambda p: teacher_features(self.teacher, p, jnp.zeros((b, self.num_tokens, self.num_bits)),
                                        jnp.zeros((b,), jnp.int32)), teacher_params)
-        from softdimo_jax.models.discriminator import init_discriminator
-
         return init_discriminator(self.disc, rng, feats, b)
 
     def init_state(self, rng, dimo_state, teacher_params) -> GanState:
         d_params = self.init_disc(rng, teacher_params)
-        return GanState(self.distiller.init_from(dimo_state), init_disc_state(d_params, self.disc_tx))
+        return GanState(self.distiller.restart_from(dimo_state), init_disc_state(d_params, self.disc_tx))
 
     def _fake_loss(self, d_params, teacher_params, z, labels, rng):
         k_soft, k_mask = jax.random.split(rng)
@@ -331,7 +232,7 @@ class GanRefiner:
     def step(self, state: GanState, batch, rng, teacher_params, tokenizer_params=None):
         k_dimo, k_real = jax.random.split(rng)
         extra = lambda z, labels, k: self._fake_loss(state.disc.params, teacher_params, z, labels, k)
-        dimo, metrics, out = self.distiller.run_with_extra(extra, state.dimo, teacher_params, k_dimo)
+        dimo, metrics, out = self.distiller.step_fn(state.dimo, teacher_params, k_dimo, extra_loss=extra)
         (feats_fake, r_fake), labels_fake = out
 
         real_bits, labels_real = self.real_batch(batch, tokenizer_params)
@@ -344,6 +245,6 @@ class GanRefiner:
         return GanState(dimo, disc), metrics
 
     def trainer_step_fn(self):
-        """`step_fn(state, batch, rng, step, frozen)` for training.trainer.Trainer."""
+        """`step_fn(state, batch, rng, step, frozen)` for runtime.trainer.Trainer."""
         return lambda state, batch, rng, step, frozen: self.step(
             state, batch, rng, frozen["teacher"], frozen.get("tokenizer"))

@@ -81,3 +81,8 @@ def params_shardings(mesh, params_shapes: Any, fsdp: bool) -> Any:
     if not fsdp:
         return jax.tree.map(lambda _: replicated(mesh), params_shapes)
     return jax.tree.map(lambda x: fsdp_sharding(mesh, tuple(x.shape)), params_shapes)
+
+
+def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings (the restore target orbax needs)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -3,10 +3,12 @@ distillation, GAN, reward).
 
 A phase hands the `Trainer` three pure pieces and the Trainer does everything else:
 
-    init_fn(rng) -> state
+    init_fn(rng, *init_args) -> state
         Any pytree of arrays (params, optimiser state, EMA, second model, ...). Built once
         abstractly with `jax.eval_shape`, then materialised by `jax.jit(init_fn,
         out_shardings=...)` directly in its sharded layout (no host copy of a big model).
+        `init_args` (e.g. a teacher's params, the previous phase's state) are jit
+        arguments, never constants baked into the program.
     step_fn(state, batch, rng, step, frozen) -> (state, metrics)
         One jitted update. `rng` is already `jax.random.fold_in(seed_key, step)`, so a
         step's randomness depends only on the step number (exact resume). `frozen` is a
@@ -20,7 +22,7 @@ A phase hands the `Trainer` three pure pieces and the Trainer does everything el
         that, with the folded RNG, makes a resumed run bit-identical to an uninterrupted one.
 
 What the Trainer owns:
-- a ("data", "fsdp") mesh (`softdimo_jax.parallel.make_mesh`): the batch is split over
+- a ("data", "fsdp") mesh (`softdimo_jax.runtime.mesh.make_mesh`): the batch is split over
   all devices; with FSDP the large arrays of the state are split along "fsdp" too;
   per-process host batches become global arrays with
   `jax.make_array_from_process_local_data` (multi-host ready);
@@ -38,8 +40,9 @@ What the Trainer owns:
 A run is "complete" when the latest checkpoint's step equals `num_steps`: `run()` then only
 restores (this is how the main command skips cached stages).
 
-Shared helpers for phases live here too: `make_optimizer` (AdamW/Adam, warm-up + cosine or
-constant, clipping), `ema_rate`, `ema_update`, and `TrainResult`.
+This is the one place where training steps are jitted (`jit_train_step`): every phase,
+and the benchmarks, compile the step through it, with the same shardings, donation and
+XLA compiler options. The runtime knows nothing of the method: phases hand it functions.
 """
 
 from __future__ import annotations
@@ -47,19 +50,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from softdimo_jax import parallel
-from softdimo_jax.training import checkpointing
-from softdimo_jax.training.checkpointing import CheckpointMismatchError, to_jsonable
-from softdimo_jax.training.ema import ema_rate, ema_update  # noqa: F401  (phases import them from here)
+from softdimo_jax.runtime import checkpointing
+from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.runtime import artifacts
+from softdimo_jax.runtime.artifacts import log
+from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,39 +77,6 @@ class TrainResult:
     trained: bool  # False when the run was already complete and only restored
 
 
-def make_optimizer(
-    learning_rate: float,
-    num_steps: int,
-    warmup_steps: int = 0,
-    schedule: str = "cosine",
-    weight_decay: float = 0.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    grad_clip: float | None = None,
-    end_lr_fraction: float = 0.0,
-) -> optax.GradientTransformation:
-    """AdamW (Adam when weight_decay=0) with linear warm-up then cosine decay or constant."""
-    warmup_steps = int(min(warmup_steps, max(num_steps - 1, 0)))
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, max(warmup_steps, 1), max(num_steps, warmup_steps + 1),
-            end_value=learning_rate * end_lr_fraction,
-        )
-    elif schedule == "constant":
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-             optax.constant_schedule(learning_rate)],
-            [max(warmup_steps, 1)],
-        )
-    else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'")
-    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    if grad_clip:
-        opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
-    return opt
-
-
 def format_seconds(s: float) -> str:
     if not math.isfinite(s):
         return "?"
@@ -117,13 +86,16 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def _is_lead() -> bool:
-    return jax.process_index() == 0
+def jit_train_step(step_fn: Callable, *, base_rng, state_shardings, mesh,
+                   compiler_options: dict | None = None):
+    """The jitted update `(state, batch, step, frozen) -> (state, metrics)` of the Trainer
+    contract: rng = fold_in(base_rng, step), state donated (batch and frozen are not),
+    state out in `state_shardings`, metrics replicated."""
+    def wrapped(state, batch, step, frozen):
+        return step_fn(state, batch, jax.random.fold_in(base_rng, step), step, frozen)
 
-
-def _log(msg: str) -> None:
-    if _is_lead():
-        print(msg, file=sys.stderr, flush=True)
+    return jax.jit(wrapped, out_shardings=(state_shardings, meshlib.replicated(mesh)),
+                   donate_argnums=(0,), compiler_options=compiler_options)
 
 
 class Trainer:
@@ -144,6 +116,9 @@ class Trainer:
         different stored value is reported in the mismatch error.
       on_step_end: optional callback(step, state) after each host step (tests use it to
         simulate a kill).
+      init_args: extra jit arguments of init_fn (see the module docstring).
+      compiler_options: XLA compiler options of the jitted step (e.g. the memory-optimised
+        XLA:CPU schedule the distillation benchmark measures).
     """
 
     def __init__(
@@ -164,6 +139,8 @@ class Trainer:
         config_json: Any = None,
         on_step_end: Callable | None = None,
         async_checkpointing: bool = True,
+        init_args: tuple = (),
+        compiler_options: dict | None = None,
     ):
         self.name = name
         self.stage_dir = stage_dir
@@ -172,15 +149,17 @@ class Trainer:
         self.batch_fn = batch_fn
         self.num_steps = int(num_steps)
         self.seed = int(seed)
-        self.mesh = parallel.as_auto_mesh(mesh if mesh is not None else parallel.make_mesh())
+        self.mesh = meshlib.as_auto_mesh(mesh if mesh is not None else meshlib.make_mesh())
         self.fsdp = bool(fsdp)
         self.checkpoint_every = max(int(checkpoint_every), 1)
         self.log_every = max(int(log_every), 1)
         self.config_json = config_json
         self.on_step_end = on_step_end
 
-        self.state_shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(self.seed))
-        self.state_shardings = parallel.params_shardings(self.mesh, self.state_shapes, self.fsdp)
+        self.init_args = tuple(init_args)
+        self.compiler_options = compiler_options
+        self.state_shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(self.seed), *self.init_args)
+        self.state_shardings = meshlib.params_shardings(self.mesh, self.state_shapes, self.fsdp)
         self.frozen = self._place(frozen)
         self._jit_step = None
 
@@ -202,7 +181,7 @@ class Trainer:
         """Puts a host/device pytree on the mesh with the params sharding rule."""
         if tree is None:
             return None
-        shardings = parallel.params_shardings(self.mesh, tree, self.fsdp)
+        shardings = meshlib.params_shardings(self.mesh, tree, self.fsdp)
         return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
     def global_batch(self, local_batch):
@@ -210,7 +189,7 @@ class Trainer:
 
         def one(x):
             x = np.asarray(x)
-            sharding = parallel.batch_sharding(self.mesh, x.ndim)
+            sharding = meshlib.batch_sharding(self.mesh, x.ndim)
             global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
             if global_shape[0] % self.mesh.size:
                 raise ValueError(
@@ -224,28 +203,17 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def init_state(self):
         init = jax.jit(self.init_fn, out_shardings=self.state_shardings)
-        return init(jax.random.PRNGKey(self.seed))
+        return init(jax.random.PRNGKey(self.seed), *self.init_args)
 
     def abstract_state(self):
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.state_shapes, self.state_shardings,
-        )
+        return meshlib.abstract_with_shardings(self.state_shapes, self.state_shardings)
 
     def compiled_step(self):
+        """The jitted step (`jit_train_step`), built once."""
         if self._jit_step is None:
-            base = jax.random.PRNGKey(self.seed)
-            step_fn = self.step_fn
-
-            def wrapped(state, batch, step, frozen):
-                rng = jax.random.fold_in(base, step)
-                return step_fn(state, batch, rng, step, frozen)
-
-            self._jit_step = jax.jit(
-                wrapped,
-                out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
-                donate_argnums=(0,),
-            )
+            self._jit_step = jit_train_step(
+                self.step_fn, base_rng=jax.random.PRNGKey(self.seed), state_shardings=self.state_shardings,
+                mesh=self.mesh, compiler_options=self.compiler_options)
         return self._jit_step
 
     def step(self, state, step: int):
@@ -284,19 +252,15 @@ class Trainer:
             state = self.restore(latest)
             start = resumed = int(latest)
             if start >= self.num_steps:
-                _log(f"[{self.name}] complete at step {start}: restored from {self.checkpoint_dir}")
+                log(f"[{self.name}] complete at step {start}: restored from {self.checkpoint_dir}")
                 self.close()
                 return TrainResult(state, start, [], resumed, trained=False)
-            _log(f"[{self.name}] resuming from step {start}/{self.num_steps}")
+            log(f"[{self.name}] resuming from step {start}/{self.num_steps}")
         else:
             state = self.init_state()
 
         if self.stage_dir is not None and self.writer is None:
-            from clu import metric_writers
-
-            self.writer = metric_writers.create_default_writer(
-                os.path.join(self.stage_dir, "tb"), just_logging=not _is_lead()
-            )
+            self.writer = artifacts.writer(self.stage_dir)
 
         history: list[dict[str, float]] = []
         pending: list[tuple[int, dict]] = []  # device metrics not yet checked
@@ -312,7 +276,7 @@ class Trainer:
                 if t_first is None:
                     jax.block_until_ready(metrics)
                     t_first, step_first = time.time(), done
-                    _log(f"[{self.name}] first step (compile + run) took {format_seconds(t_first - t0)}")
+                    log(f"[{self.name}] first step (compile + run) took {format_seconds(t_first - t0)}")
                 if self.on_step_end is not None:
                     self.on_step_end(done, state)
                 is_last = done == self.num_steps
@@ -331,7 +295,7 @@ class Trainer:
                         if math.isfinite(rate):
                             self.writer.write_scalars(done, {"steps_per_sec": rate})
                     shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items() if k != "step")
-                    _log(
+                    log(
                         f"[{self.name}] step {done}/{self.num_steps} {shown} "
                         f"({rate:.1f} it/s, ETA {format_seconds(eta)})"
                     )
@@ -372,7 +336,5 @@ class Trainer:
             self.writer = None
 
 
-__all__ = [
-    "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError",
-    "make_optimizer", "ema_update", "format_seconds", "to_jsonable",
-]
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError",
+           "jit_train_step", "format_seconds"]

@@ -1,0 +1,1 @@
+"""Infrastructure that knows nothing of the method: mesh, trainer, checkpoints, artifacts, converted checkpoints, process start-up."""
