@@ -29,6 +29,7 @@ from softdimo_jax.models import lfq
 from softdimo_jax.sampling import maskbit_sampler
 from softdimo_jax.runtime.artifacts import save_image_grid
 from softdimo_jax.runtime.converted import load_converted
+from softdimo_jax.runtime.distributed import run_absl
 from softdimo_jax.sampling import student
 
 FLAGS = flags.FLAGS
@@ -214,4 +215,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_absl(main)

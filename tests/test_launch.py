@@ -29,7 +29,7 @@ def test_tpu_dry_run_prints_every_worker_command():
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("+ ")]
     assert any("gcloud compute tpus tpu-vm create dimo" in l and "v4-16" in l for l in lines)
-    train = [l for l in lines if "tpu-vm ssh" in l and "distill_stage" in l]
+    train = [l for l in lines if "tpu-vm ssh" in l and "softdimo_jax.main" in l]
     assert len(train) == 1
     argv = shlex.split(train[0][2:])  # what the local shell runs
     assert "--worker=all" in argv

@@ -18,6 +18,7 @@ import numpy as np
 
 from softdimo_jax.evaluation.fid import to_uint8
 from softdimo_jax.runtime.artifacts import save_image_grid
+from softdimo_jax.sampling.batching import class_ordered_labels
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "labels"
 _LABEL_KEYS = ("labels", "arr_1")
@@ -34,7 +35,7 @@ def class_balanced_labels(num_samples: int, num_classes: int = 1000, *, seed: in
     """
     if num_samples < 0 or num_classes < 1:
         raise ValueError(f"need num_samples >= 0 and num_classes >= 1, got {num_samples}, {num_classes}")
-    labels = np.arange(num_samples, dtype=np.int64) % num_classes
+    labels = class_ordered_labels(num_samples, num_classes).astype(np.int64)
     if seed is not None:
         labels = np.random.default_rng(seed).permutation(labels)
     return labels
