@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from softdimo_jax.core.adapters import make_adapter
     from softdimo_jax.core.defaults import default_distill_config
     from softdimo_jax.core.dimo import Distiller
-    from softdimo_jax.pipelines.phases import distill_trainer
+    from softdimo_jax.pipelines.phases import distill_trainer, step_compiler_options
 
     c = dict(CONFIGS[args.config])
     batch = args.batch or c.pop("batch")
@@ -151,14 +151,8 @@ def main(argv=None) -> int:
                                  jnp.zeros((1,), jnp.int32))["params"]
     nparams = sum(x.size for x in jax.tree.leaves(params))
     mesh = make_mesh(None if args.num_devices < 1 else args.num_devices, args.fsdp)
-    opts = {}
-    if args.lean and jax.default_backend() == "cpu":
-        # XLA:CPU's memory-optimised schedule: ~20% fewer temporaries (S: 393 -> 310 MB),
-        # ~10% slower on S and ~30% on T (less overlap of independent ops).
-        opts["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-        # One LLVM module for the whole step instead of several compiled side by side:
-        # ~100 MB lower peak while compiling, and no slower to compile on 2 cores.
-        opts["xla_cpu_parallel_codegen_split_count"] = 1
+    cfg.cpu_memory_schedule = bool(args.lean)
+    opts = dict(step_compiler_options(cfg) or {})
     for item in args.xla_option:
         k, v = item.split("=", 1)
         opts[k] = {"true": True, "false": False}.get(v.lower(), v)

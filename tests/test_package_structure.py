@@ -154,3 +154,17 @@ def test_no_function_level_import_of_our_modules():
                 if any(m.startswith("softdimo_jax") for m in mods):
                     bad.append(f"{name}:{node.lineno}")
     assert not bad, "function-level imports of softdimo_jax (import at the top; a cycle means a layering problem): " + ", ".join(bad)
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (PKG.parent / "configs").glob("*.py")
+                                               if p.name not in ("__init__.py", "maskbit.py")))
+def test_every_config_names_a_registered_pipeline(config_file):
+    """`python -m softdimo_jax.main --config=configs/X.py` runs config.pipeline."""
+    import importlib.util
+
+    from softdimo_jax.pipelines.registry import PIPELINES
+
+    spec = importlib.util.spec_from_file_location(config_file[:-3], PKG.parent / "configs" / config_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.get_config().pipeline in PIPELINES

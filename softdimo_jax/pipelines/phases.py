@@ -14,7 +14,7 @@ from softdimo_jax.core import objectives
 from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller
 from softdimo_jax.runtime.converted import save_converted
-from softdimo_jax.runtime.trainer import Trainer, TrainResult
+from softdimo_jax.runtime.trainer import Trainer, TrainResult, cpu_memory_compiler_options
 
 
 def train_tokenizer(model_cfg, train_cfg, batch_fn, image_shape, stage_dir, *, mesh=None,
@@ -44,6 +44,12 @@ def train_teacher(model, train_cfg, batch_fn, stage_dir, *, tokenizer=None, froz
     )
     result = trainer.run()
     return result.state, result
+
+
+def step_compiler_options(dcfg) -> dict | None:
+    """The XLA options a distill config asks for (`cpu_memory_schedule`: the memory-optimised
+    XLA:CPU schedule that bench/distill_step.py --lean measures; no effect off CPU)."""
+    return cpu_memory_compiler_options() if dcfg.get("cpu_memory_schedule", False) else None
 
 
 def distill_trainer(distiller: Distiller, teacher_params, stage_dir: str | None, *, fingerprint: Any = None,
@@ -83,7 +89,8 @@ def train_distill(dcfg, teacher_model, teacher_params, stage_dir: str | None, me
     adapter = adapter if adapter is not None else make_adapter(teacher_model, dcfg)
     distiller = Distiller(adapter, dcfg, mesh)
     trainer = distill_trainer(distiller, teacher_params, stage_dir, fingerprint=fingerprint,
-                              on_step_end=on_step_end, batch_fn=batch_fn)
+                              on_step_end=on_step_end, batch_fn=batch_fn,
+                              compiler_options=step_compiler_options(dcfg))
     return trainer.run(), distiller
 
 

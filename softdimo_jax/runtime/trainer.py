@@ -86,6 +86,18 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+def cpu_memory_compiler_options() -> dict:
+    """XLA:CPU options that trade step speed for peak memory (empty off CPU):
+    the memory-optimised scheduler (~20% fewer temporaries on the S distillation step,
+    ~10% slower on S and ~30% on T: less overlap of independent ops), and one LLVM module
+    for the whole step instead of several compiled side by side (~100 MB lower peak while
+    compiling, no slower to compile on 2 cores)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+            "xla_cpu_parallel_codegen_split_count": 1}
+
+
 def jit_train_step(step_fn: Callable, *, base_rng, state_shardings, mesh,
                    compiler_options: dict | None = None):
     """The jitted update `(state, batch, step, frozen) -> (state, metrics)` of the Trainer
