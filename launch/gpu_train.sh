@@ -10,7 +10,7 @@
 # Environment:
 #   WORKDIR (required)   local, shared or gs:// directory
 #   CONFIG               default configs/maskbit_imagenet256_distill.py; its `pipeline` key picks
-#                        the phase (teacher, distill per family, gan, digits)
+#                        the phase (teacher, distill per family, gan, reward, digits)
 #   NUM_GPUS             GPUs of this host to use (default: all visible)
 #   NUM_PROCESSES, PROCESS_ID, COORDINATOR (host:port)   multi-host only
 #   PYTHON               default python3

@@ -15,7 +15,8 @@
 #   WORKDIR (required)       gs://... directory for checkpoints, TensorBoard, grids
 #   CONFIG                   default configs/maskbit_imagenet256_distill.py; its `pipeline` key picks
 #                            the phase (teacher: configs/maskbit_imagenet256_teacher.py, distill per
-#                            family, gan: configs/maskbit_imagenet256_gan.py, digits: configs/digits.py)
+#                            family, gan: configs/maskbit_imagenet256_gan.py, reward:
+#                            configs/maskbit_imagenet256_reward.py, digits: configs/digits.py)
 #   CREATE=1                 create the slice first (ACCELERATOR_TYPE, RUNTIME_VERSION, SPOT=1)
 #   SYNC=1 (default)         copy this checkout (git archive of HEAD) to every worker
 #   SETUP=1 (default)        pip install the package and jax[tpu]==$JAX_VERSION (+ $PIP_EXTRA) on every worker

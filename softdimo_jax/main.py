@@ -7,7 +7,7 @@
         --workdir=gs://BUCKET/run --config.teacher_checkpoint=gs://BUCKET/ckpt/gen14
 
 `config.pipeline` picks the pipeline (softdimo_jax.pipelines.registry.PIPELINES): digits, teacher,
-distill, gan. With SOFTDIMO_DISTRIBUTED=1 (set by launch/tpu_train.sh and
+distill, gan, reward. With SOFTDIMO_DISTRIBUTED=1 (set by launch/tpu_train.sh and
 launch/gpu_train.sh) `jax.distributed.initialize()` runs first on every host.
 """
 

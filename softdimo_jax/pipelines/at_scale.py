@@ -11,7 +11,9 @@ TPU pods or GPU hosts (launch/tpu_train.sh, launch/gpu_train.sh), all through
            (configs/maskgit_imagenet256_distill.py) or MaskGen from a prompt file with the
            OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py);
   gan      Soft-Di[M]O GAN refinement of the distilled MaskBit state in the same workdir
-           (configs/maskbit_imagenet256_gan.py).
+           (configs/maskbit_imagenet256_gan.py);
+  reward   reward fine-tuning of the GAN-refined (or distilled) MaskBit state in the same
+           workdir (configs/maskbit_imagenet256_reward.py).
 Every process runs the same program (the distillation is data-free: each step draws its
 own labels and tokens on device); only process 0 writes logs, grids and metrics.
 """
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.core import objectives
+from softdimo_jax.core import reward as rewards
 from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller, generator_params
 from softdimo_jax.core.gan import GanRefiner
@@ -217,3 +220,59 @@ def gan(config, workdir: str) -> None:
         batch_fn=tfds_images.make_batch_fn(source, int(gcfg.batch_size), int(gcfg.seed)),
         frozen={"teacher": teacher_params, "tokenizer": tok_params}, keep=int(dcfg.keep_checkpoints),
         fingerprint=to_jsonable(config))
+
+
+# --------------------------------------------------------------------------- reward
+
+
+def refinement_start(config, workdir: str, source: str, adapter, teacher_params, tokenizer, mesh):
+    """The DistillState a refinement phase starts from: the finished state of the
+    `source` phase ('distill' or 'gan') in this workdir, restored onto the mesh."""
+    dcfg = config.distill
+    abstract = Distiller(adapter, dcfg, mesh).abstract_state(teacher_params)
+    if source == "distill":
+        return checkpointing.load_latest_state(os.path.join(workdir, "distill"), abstract, name="distill")
+    if source == "gan":
+        refiner = GanRefiner(adapter, dcfg, config.gan, mesh, tokenizer=tokenizer)
+        shapes = jax.eval_shape(lambda s, tp: refiner.init_state(jax.random.PRNGKey(0), s, tp), abstract,
+                                teacher_params)
+        target = meshlib.abstract_with_shardings(
+            shapes, meshlib.params_shardings(mesh, shapes, refiner.distiller.fsdp))
+        return checkpointing.load_latest_state(os.path.join(workdir, "gan"), target, name="gan").dimo
+    raise ValueError(f"reward.source must be 'gan' or 'distill', got {source!r}")
+
+
+def reward(config, workdir: str) -> None:
+    """Reward fine-tuning of the refined MaskBit (config.reward.source in this workdir), with
+    the rewards named in config.reward.rewards; writes <workdir>/reward, exports the EMA
+    generator to <workdir>/reward/student and a one-step grid."""
+    dcfg, rcfg = config.distill, config.reward
+    spec = {name: w for name, w in rcfg.rewards.items() if w}
+    if not spec:
+        raise ValueError(
+            f"every weight of config.reward.rewards is 0 ({dict(rcfg.rewards)}); set one, e.g. "
+            f"--config.reward.rewards.{next(iter(rcfg.rewards), 'NAME')}=1.0")
+    mesh = distill_mesh(dcfg)
+    model, teacher_params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
+    if tok_model is None:
+        raise ValueError("reward fine-tuning decodes soft images: set --config.tokenizer_checkpoint")
+    if not isinstance(model, LFQBert):
+        raise NotImplementedError(f"at-scale reward fine-tuning runs on MaskBit teachers; got {type(model).__name__}")
+    adapter = make_adapter(model, dcfg)
+    start = refinement_start(config, workdir, str(rcfg.source), adapter, teacher_params, tok_model, mesh)
+    rset = rewards.build_reward_set(spec)
+    grid = int(config.data.image_size) // tok_model.downsample_factor
+    refiner = rewards.RewardRefiner(adapter, dcfg, rcfg, tok_model, rset, (grid, grid), mesh)
+    stage_dir = os.path.join(workdir, "reward")
+    result = phases.train_refinement(
+        "reward", refiner, refiner.init_state, (start,), rcfg, stage_dir, batch_fn=lambda step: None,
+        frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
+        keep=int(dcfg.keep_checkpoints), fingerprint=to_jsonable(config))
+    gen = generator_params(result.state, dcfg.sample.use_ema)
+    log(f"[reward] generator weights -> {phases.export_student(stage_dir, 'maskbit_generator', model, gen)}")
+    k = max(int(config.get("grid_samples", 16)), mesh.size)
+    k -= k % mesh.size
+    labels = np.asarray(config.get("grid_labels") or class_ordered_labels(k, model.num_classes))[:k]
+    images = sample_student_images(model, gen, tok_model, tok_params, dcfg, labels, "hard", mesh, len(labels),
+                                   seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS)
+    artifacts.save_grid(stage_dir, "student_hard", images, nrow=None)

@@ -7,4 +7,5 @@ PIPELINES = {
     "teacher": at_scale.teacher,  # MaskBit teacher on tfds images
     "distill": at_scale.distill,  # Di[M]O of a converted MaskBit / MaskGIT / MaskGen teacher
     "gan": at_scale.gan,  # Soft-Di[M]O GAN refinement of the distilled MaskBit
+    "reward": at_scale.reward,  # reward fine-tuning of the refined MaskBit
 }
