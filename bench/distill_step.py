@@ -173,9 +173,9 @@ def main(argv=None) -> int:
     rss["init"] = rss_now_mb()
 
     # Class-label adapters draw their labels in the step: the batch is None.
-    args = (None, jnp.asarray(0, jnp.int32), trainer.frozen)
+    step_args = (None, jnp.asarray(0, jnp.int32), trainer.frozen)
     t0 = time.perf_counter()
-    compiled = trainer.compiled_step().lower(state, *args).compile()
+    compiled = trainer.compiled_step().lower(state, *step_args).compile()
     t_compile = time.perf_counter() - t0
     rss_compile_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if args.trim:
@@ -195,12 +195,12 @@ def main(argv=None) -> int:
     xla_flops = float((cost or {}).get("flops", 0.0)) * (1 if args.num_devices == 1 else 1)
     model_flops = analytic_flops(c, batch)
 
-    state, m = compiled(state, *args)  # warm-up iteration
+    state, m = compiled(state, *step_args)  # warm-up iteration
     jax.block_until_ready(m)
     times, cpu = [], []
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, m = compiled(state, *args)
+        state, m = compiled(state, *step_args)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)

@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from softdimo_jax.runtime.artifacts import is_remote
 
@@ -32,7 +31,17 @@ def checkpoint_dir(stage_dir: str) -> str:
     return path if is_remote(path) else os.path.abspath(path)  # abspath would mangle gs://
 
 
-def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+def orbax():
+    """orbax.checkpoint, imported on first use: importing it adds ~40 MB of resident memory,
+    which runs that never save (the distillation benchmark, Trainers without a stage
+    directory) should not carry."""
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> "orbax.checkpoint.CheckpointManager":
+    ocp = orbax()
     return ocp.CheckpointManager(
         checkpoint_dir(stage_dir),
         # Handlers named up front so a fresh manager can read metadata before any save.
@@ -43,7 +52,8 @@ def open_manager(stage_dir: str, keep: int = 2, async_save: bool = True) -> ocp.
     )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+def save(manager: "orbax.checkpoint.CheckpointManager", step: int, state: Any, meta: dict) -> None:
+    ocp = orbax()
     manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -65,7 +75,8 @@ def shape_table(tree) -> dict[str, tuple[int, ...]]:
     return {"/".join(_key_name(e) for e in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
+def read_meta(manager: "orbax.checkpoint.CheckpointManager", step: int) -> dict | None:
+    ocp = orbax()
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception:  # older/foreign checkpoints without meta: the shape check still runs
@@ -110,6 +121,7 @@ def check_compatible(manager, step: int, target_shapes, stage_dir: str, name: st
 
 def restore(manager, step: int, abstract_state, stage_dir: str, name: str, config_json=None):
     """Restores `state` into `abstract_state` (ShapeDtypeStructs with shardings)."""
+    ocp = orbax()
     check_compatible(manager, step, abstract_state, stage_dir, name, config_json)
     out = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -122,6 +134,7 @@ def load_latest_state(stage_dir: str, abstract_state=None, name: str = "stage"):
 
     With `abstract_state` (ShapeDtypeStructs, optionally with shardings) the tree is checked
     and restored into that layout; without, arrays come back as stored."""
+    ocp = orbax()
     manager = open_manager(stage_dir)
     try:
         step = manager.latest_step()

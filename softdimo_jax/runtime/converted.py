@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from softdimo_jax.conversion.state_dict import check_params_match
+from softdimo_jax.runtime.checkpointing import orbax
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "model.json"
@@ -202,7 +202,7 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
         "source": os.path.basename(source),
         "param_count": count,
     }
-    ckpt = ocp.StandardCheckpointer()
+    ckpt = orbax().StandardCheckpointer()
     ckpt.save(os.path.join(path, PARAMS_DIR), {"params": params})
     ckpt.wait_until_finished()
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -249,7 +249,7 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
         if diff:
             lines = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs module {want.get(k)!r}" for k in diff)
             raise ConfigMismatchError(f"{path} was converted for another config ({lines})")
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+    restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
     params = restored["params"]
     expected = _expected_params(model)
     check_params_match(params, expected, name=path)
