@@ -53,6 +53,12 @@ def test_distill_then_reward_in_one_workdir(tmp_path, monkeypatch):
     at_scale.reward(config, work)
     assert os.listdir(os.path.join(work, "reward", "checkpoints")) == ["2"]
     assert os.path.getsize(os.path.join(work, "reward", "student_hard.png")) > 0
+    # The report of an at-scale workdir: its one-step grids (distill hard / soft, reward),
+    # three panels of 2x2 grids of 16 px images (38 px) under 56 px titles.
+    from PIL import Image
+
+    with Image.open(os.path.join(work, "summary.png")) as im:
+        assert im.size == (3 * 38, 38 + 56)
     model, params = load_converted(os.path.join(work, "reward", "student"))
     assert model.num_bits == 6 and params["pos_emb"].shape == gp["pos_emb"].shape
 

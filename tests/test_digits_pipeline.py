@@ -45,7 +45,8 @@ def test_smoke_pipeline_writes_everything(smoke_run):
         "tokenizer", "teacher", "classifier", "evaluate_teacher", "distill",
         "softdimo_gan", "gumbel_gan", "reward", "tteo"]
     for png in ("tokenizer/reconstructions.png", "teacher/samples_2steps.png",
-                "classifier/test_images.png", "evaluate_teacher/teacher@1.png"):
+                "classifier/test_images.png", "evaluate_teacher/teacher@1.png",
+                "summary.png", "fd_vs_steps.png", "results.md"):
         assert os.path.getsize(os.path.join(workdir, png)) > 0, png
     for stage in ("tokenizer", "teacher", "classifier", "evaluate_teacher"):
         assert glob.glob(os.path.join(workdir, stage, "tb", "events.out.tfevents.*")), stage

@@ -36,7 +36,7 @@ from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.maskgit import MaskGITTransformer
-from softdimo_jax.pipelines import phases
+from softdimo_jax.pipelines import phases, report
 from softdimo_jax.pipelines.context import SeedOffsets
 from softdimo_jax.runtime import artifacts, checkpointing
 from softdimo_jax.runtime import mesh as meshlib
@@ -193,6 +193,7 @@ def distill(config, workdir: str) -> None:
         else:
             raise NotImplementedError(f"no one-step grid for {type(model).__name__}")
         artifacts.save_grid(stage_dir, path_name, images, nrow=None)
+    write_local_report(workdir)
 
 
 # --------------------------------------------------------------------------- GAN
@@ -276,3 +277,13 @@ def reward(config, workdir: str) -> None:
     images = sample_student_images(model, gen, tok_model, tok_params, dcfg, labels, "hard", mesh, len(labels),
                                    seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS)
     artifacts.save_grid(stage_dir, "student_hard", images, nrow=None)
+    write_local_report(workdir)
+
+
+def write_local_report(workdir: str) -> None:
+    """The report (summary.png, results.md) of the grids so far; on a remote workdir, run
+    `python -m softdimo_jax.report` over a local copy instead."""
+    if artifacts.is_remote(workdir):
+        log(f"[report] {workdir} is remote: copy it and run python -m softdimo_jax.report on the copy")
+        return
+    log("[report] " + ", ".join(report.write_report(workdir)))

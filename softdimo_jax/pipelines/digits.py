@@ -7,8 +7,9 @@ Each stage works in `<workdir>/<name>/`: training stages keep orbax checkpoints 
 finished checkpoint means the stage is restored, not retrained), evaluation stages cache
 their rows in `rows.json` next to the fingerprint of the configs they depend on. Every
 stage writes a sample grid PNG and TensorBoard summaries there; rows go to
-`<workdir>/metrics.json` as they are made. `train_and_evaluate(config, workdir)` is the
-pipeline `digits` of `python -m softdimo_jax.main`.
+`<workdir>/metrics.json` as they are made; at the end the report (summary.png,
+fd_vs_steps.png, results.md: pipelines/report.py). `train_and_evaluate(config, workdir)` is
+the pipeline `digits` of `python -m softdimo_jax.main`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from softdimo_jax.data import digits
 from softdimo_jax.evaluation.digits_classifier import train_classifier
 from softdimo_jax.evaluation.digits_metrics import DigitsEvaluator, format_table
 from softdimo_jax.sampling.maskbit_sampler import make_maskbit_teacher_sampler
-from softdimo_jax.pipelines import digits_refine, phases
+from softdimo_jax.pipelines import digits_refine, phases, report
 from softdimo_jax.pipelines.context import (GeneratorRun, RunContext, SeedOffsets, Stage, TeacherRun,
                                             TokenizerRun)
 from softdimo_jax.runtime import artifacts
@@ -241,7 +242,10 @@ def train_and_evaluate(config, workdir: str, stages: list[Stage] | None = None) 
     ctx.record_time("total", time.time() - t_all)
     ctx.write_metrics()
     table = format_table(ctx.metrics["floor"], ctx.metrics["rows"])
+    written = report.write_report(workdir) if not artifacts.is_remote(workdir) else []
     if jax.process_index() == 0:
         print(table, flush=True)
         print(f"total {format_seconds(time.time() - t_all)}; metrics in {ctx.metrics_path}", flush=True)
+        if written:
+            print("report: " + ", ".join(written), flush=True)
     return ctx.metrics
