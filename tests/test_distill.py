@@ -111,7 +111,7 @@ def test_generator_gradient_is_vjp_of_g_over_batch(one_device):
 
         return grads, g, jax.grad(surrogate)(state.gen_params)
 
-    grads, g, want = jax.jit(both)(state, tparams)
+    grads, g, want = jax.jit(both, compiler_options=FAST)(state, tparams)
     assert g.shape == (B, L, S, V)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
@@ -254,7 +254,7 @@ def test_trainer_stage_runs_resumes_and_samples(tmp_path, teacher, monkeypatch):
     import functools
 
     # Compile time dominates here: every jit of this test at XLA optimisation level 0.
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
     from softdimo_jax.models.soft_embed import expected_bits
     from softdimo_jax.sampling import student
     from softdimo_jax.pipelines.phases import train_distill

@@ -23,7 +23,7 @@ CAPTIONS = ["a red cube", "two dogs on a beach", "", "a bowl of soup", "snowy mo
 
 def _jit(fn):
     # Eager op-by-op dispatch on 8 fake devices is slower than one compile at -O0.
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=FAST)
 
 
 def _config(**kw):
@@ -256,7 +256,7 @@ def test_maskgen_entry_distills_from_prompt_file(tmp_path, maskgen, fixtures_dir
 
     from softdimo_jax.runtime.converted import save_converted
 
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit))
+    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
     m, params = maskgen
     clip = ClipTextTransformer(context_length=T, width=TW, heads=2, layers=1, embed_dim=TW)
     cp = _jit(clip.init)(jax.random.PRNGKey(4), jnp.zeros((1, T), jnp.int32))["params"]

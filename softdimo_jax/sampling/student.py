@@ -15,7 +15,7 @@ The EMA weights are the default (`core.dimo.generator_params(state)`), as in the
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
