@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for path in argv:
         fx = load_fixture(path)
-        print(f"{path} [{fx.model}]")
+        print(f"{path} [{FIXTURE_NAMES.get(fx.model, fx.model)}]")
         try:
             checks = family_check(fx.model)(fx)
         except Exception as e:  # report and continue with the other fixtures
