@@ -1,6 +1,6 @@
 """GAN refinement of the one-step generator through soft embeddings (SPEC §1.3).
 
-Real images are tokenised once by the tokenizer encoder (`tokenizer_train.encode_dataset`
+Real images are tokenised once by the tokenizer encoder (`sampling.codec.encode_dataset`
 on digits; the tfds pipeline at scale) and fed as token ids. Every step:
 - fake = the generator's teacher-side soft bits E[bits] under softmax(z_θ/τ) (or the
   Gumbel straight-through one-hot, the ablation switch `soft.mode`);
