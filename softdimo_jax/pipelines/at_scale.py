@@ -210,6 +210,8 @@ def gan(config, workdir: str) -> None:
         raise ValueError("the GAN phase encodes real images: set --config.tokenizer_checkpoint")
     adapter = make_adapter(model, dcfg)
     refiner = GanRefiner(adapter, dcfg, gcfg, mesh, tokenizer=tok_model)
+    # One placed copy of the teacher serves the restore target, the init and every step.
+    teacher_params = refiner.distiller.place_teacher(teacher_params)
     dimo_state = checkpointing.load_latest_state(
         os.path.join(workdir, "distill"), Distiller(adapter, dcfg, mesh).abstract_state(teacher_params),
         name="distill")
@@ -260,6 +262,7 @@ def reward(config, workdir: str) -> None:
     if not isinstance(model, LFQBert):
         raise NotImplementedError(f"at-scale reward fine-tuning runs on MaskBit teachers; got {type(model).__name__}")
     adapter = make_adapter(model, dcfg)
+    teacher_params = Distiller(adapter, dcfg, mesh).place_teacher(teacher_params)
     start = refinement_start(config, workdir, str(rcfg.source), adapter, teacher_params, tok_model, mesh)
     rset = rewards.build_reward_set(spec)
     grid = int(config.data.image_size) // tok_model.downsample_factor

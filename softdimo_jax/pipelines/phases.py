@@ -13,6 +13,7 @@ import jax
 from softdimo_jax.core import objectives
 from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller
+from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.converted import save_converted
 from softdimo_jax.runtime.trainer import Trainer, TrainResult, cpu_memory_compiler_options
 
@@ -60,6 +61,9 @@ def distill_trainer(distiller: Distiller, teacher_params, stage_dir: str | None,
     step's conditions batch for text-conditioned adapters; None for class labels drawn in
     the step."""
     dcfg = distiller.config
+    # Placed once: the same (possibly FSDP-sharded) buffers serve as init argument and as
+    # the frozen argument of every step, instead of a second copy from host arrays.
+    teacher_params = distiller.place_teacher(teacher_params)
     return Trainer(
         name="distill",
         stage_dir=stage_dir,
@@ -106,9 +110,7 @@ def train_refinement(name: str, refiner, init_fn, init_args: tuple, phase_cfg, s
         checkpoint_every=int(phase_cfg.ckpt_every), keep=int(keep), log_every=int(phase_cfg.log_every),
         config_json=fingerprint,
     )
-    result = trainer.run()
-    trainer.close()
-    return result
+    return trainer.run()  # run() closes the checkpoint manager and writer itself
 
 
 def export_student(stage_dir: str, family: str, model, params) -> str:
@@ -117,7 +119,7 @@ def export_student(stage_dir: str, family: str, model, params) -> str:
     `softdimo_jax.evaluate --generator student --checkpoint ...` load like any converted
     teacher. Returns the path, or why nothing was written."""
     path = os.path.join(stage_dir, "student")
-    if "://" in path or jax.process_count() > 1:
+    if artifacts.is_remote(path) or jax.process_count() > 1:
         # save_converted writes a local folder from one process; on pods the orbax state in
         # <stage_dir>/checkpoints holds the same weights (ema_params).
         return f"(not exported: {path} is remote or the job is multi-process)"
