@@ -84,15 +84,103 @@ def test_reward_is_normalised_raw_score_and_sizes_are_general(blip_fx):
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 48, 3))
     ids = np.array([[1, 5, 6, 2, 0], [1, 2, 0, 0, 0]])
     mask = (np.arange(5)[None] < np.array([[4], [2]])).astype(np.int32)
-    v = model.init(jax.random.PRNGKey(1), images, ids, mask)
-    out = model.apply(v, images, ids, mask)
+    v = {"params": _random_params(model, 1)}
+    fwd = jax.jit(model.apply)
+    out = fwd(v, images, ids, mask)
     assert out.image_embeds.shape == (2, 1 + 36, 32)
     assert out.text_last_hidden_state.shape == (2, 5, 24)
     np.testing.assert_allclose(out.reward, (out.mlp_raw - 0.5) / 2.0, rtol=1e-6)
     # Padded positions do not change the [CLS] feature (the -10000 bias makes them ~0 weight).
-    out2 = model.apply(v, images, np.where(mask > 0, ids, 7), mask)
+    out2 = fwd(v, images, np.where(mask > 0, ids, 7), mask)
     np.testing.assert_allclose(out2.text_cls_feature, out.text_cls_feature, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds the text encoder's 12 positions"):
-        model.apply(v, images, np.ones((2, 13), np.int32), np.ones((2, 13), np.int32))
+        fwd(v, images, np.ones((2, 13), np.int32), np.ones((2, 13), np.int32))
     with pytest.raises(ValueError, match=r"\(B, 48, 48, 3\)"):
-        model.apply(v, images[:, :40], ids, mask)
+        fwd(v, images[:, :40], ids, mask)
+
+
+# --------------------------------------------------------------------------- the reward entry
+def _tiny():
+    model = ImageReward(image_size=16, patch_size=8, vision_width=16, vision_depth=1, vision_heads=2,
+                        vocab_size=40, text_hidden=16, text_layers=1, text_heads=2, text_intermediate=32,
+                        max_position_embeddings=35, mlp_dims=(32, 8, 4, 2, 1))
+    ids = np.zeros((2, 35), np.int32)
+    ids[0, :5], ids[1, :2] = [2, 7, 8, 9, 3], [2, 3]
+    mask = (ids != 0).astype(np.int32)
+    return model, _random_params(model), ids, mask
+
+
+def _random_params(model, seed=0):
+    # From the shape tree (tracing only): cheaper than compiling model.init on a busy CPU.
+    from softdimo_jax.models.blip import image_reward_expected_params
+
+    rng = np.random.default_rng(seed)
+    shapes = image_reward_expected_params(model)
+    return jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def test_image_reward_gradient_matches_finite_differences():
+    import jax.numpy as jnp
+
+    from softdimo_jax.core.image_reward import image_reward
+
+    model, params, ids, mask = _tiny()
+    # Any input size: 20x24 images are resized (shorter side 16) and centre-cropped inside.
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 20, 24, 3), minval=0.1, maxval=0.9)
+    direction = jax.random.normal(jax.random.PRNGKey(2), images.shape)
+    with jax.default_matmul_precision("highest"):
+        f = jax.jit(lambda x: jnp.sum(image_reward(model, params, x, ids, mask)))
+        grad = jax.jit(jax.grad(f))(images)
+        assert grad.shape == images.shape and bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) > 0
+        eps = 1e-2
+        fd = (f(images + eps * direction) - f(images - eps * direction)) / (2 * eps)
+    analytic = float(jnp.sum(grad * direction))
+    assert abs(float(fd) - analytic) <= 2e-2 * abs(analytic) + 1e-4, (float(fd), analytic)
+
+
+def test_image_reward_registry_entry_and_refusals(blip_fx):
+    import jax.numpy as jnp
+
+    from softdimo_jax.core.image_reward import ImageRewardInputError, image_reward, prompt_tokens
+    from softdimo_jax.core.reward import available_rewards, build_reward, build_reward_set
+
+    model, params, ids, mask = _tiny()
+    assert "image_reward" in available_rewards()
+    rset = build_reward_set({"image_reward": 1.0}, image_reward_model=model, image_reward_params=params)
+    images = jax.random.uniform(jax.random.PRNGKey(3), (2, 16, 16, 3))
+    total, parts = jax.jit(rset.total)(rset.params, images, {"input_ids": ids, "attention_mask": mask})
+    want = jax.jit(image_reward, static_argnums=0)(model, params, images, ids, mask)
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    assert parts["image_reward"].shape == (2,)
+    # The condition may also be the (ids, mask) tuple, or nested under "image_reward".
+    for cond in ((ids, mask), {"image_reward": {"input_ids": ids, "attention_mask": mask}, "clip": None}):
+        assert [np.asarray(a).tolist() for a in prompt_tokens(cond)] == [ids.tolist(), mask.tolist()]
+    with pytest.raises(ValueError, match="needs 'input_ids' and 'attention_mask'"):
+        prompt_tokens({"ids": ids})
+    # Another family's params (the fixture is a different size; a CLIP-like tree is not ImageReward).
+    for bad in ({"visual": {"proj": jnp.zeros((2, 2))}}, convert_image_reward(blip_fx.sd, image_reward_from_cfg(blip_fx.cfg))):
+        with pytest.raises(ImageRewardInputError) as e:
+            build_reward("image_reward", image_reward_model=model, image_reward_params=bad)
+        assert "\n" not in str(e.value) and " — " in str(e.value)
+    with pytest.raises(ImageRewardInputError, match="needs the ImageReward model"):
+        build_reward("image_reward", image_reward_model=object(), image_reward_params=params)
+    with pytest.raises(ImageRewardInputError, match="--model blip"):
+        build_reward("image_reward")
+
+
+def test_long_prompt_is_truncated_as_imagereward(tmp_path):
+    """ImageReward tokenizes with truncation=True, max_length=35: a 60-word prompt scores as its
+    first 33 pieces + [SEP]; words past the cut do not change the reward."""
+    from softdimo_jax.core.image_reward import image_reward
+    from softdimo_jax.data.wordpiece import WordPieceTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog"]) + "\n")
+    tok = WordPieceTokenizer(str(vocab))
+    model, params, _, _ = _tiny()
+    ids1, mask1 = tok("a red cat " * 20)
+    ids2, mask2 = tok("a red cat " * 11 + "dog " * 30)
+    assert ids1.shape == (1, 35) and mask1.all() and (ids1 == ids2).all()
+    images = jax.random.uniform(jax.random.PRNGKey(4), (1, 16, 16, 3))
+    f = jax.jit(image_reward, static_argnums=0)
+    np.testing.assert_array_equal(f(model, params, images, ids1, mask1), f(model, params, images, ids2, mask2))

@@ -2,7 +2,9 @@
 
 Builds `models.blip.ImageReward` from the fixture's cfg alone, converts `sd/` with the real
 converter, runs `in/image` (NCHW, already normalised) with `in/input_ids` and
-`in/attention_mask`, and compares every output. Tolerances are the issue's: features
+`in/attention_mask`, and compares every output; `in/raw_image` ([0, 1], any size) goes
+through the reward entry (`core.image_reward`: preprocessing + model) for `preprocessed` and
+`score_from_raw`. Tolerances are the issue's: features
 within 1e-4 relative to their largest magnitude (the absolute bound printed is 1e-4 · max|ref|),
 scores (`mlp_raw`, `reward`) within 1e-4 absolute.
 """
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.conversion.blip import convert_image_reward
+from softdimo_jax.core.image_reward import image_reward
 from softdimo_jax.models.blip import image_reward_from_cfg
+from softdimo_jax.models.image_preprocess import clip_preprocess
 from softdimo_jax.parity import Check, Fixture
 
 FEATURE_REL_TOL = 1e-4
@@ -42,10 +46,14 @@ def check_blip(fx: Fixture) -> list[Check]:
     model = image_reward_from_cfg(fx.cfg)
     params = convert_image_reward(fx.sd, model, name=f"{fx.path}:sd")
     i, o = fx.inputs, fx.outputs
+    ids, mask = jnp.asarray(i["input_ids"], jnp.int32), jnp.asarray(i["attention_mask"], jnp.int32)
     with jax.default_matmul_precision("highest"):
         images = jnp.asarray(np.asarray(i["image"]).transpose(0, 2, 3, 1))
-        out = jax.jit(model.apply)({"params": params}, images, jnp.asarray(i["input_ids"], jnp.int32),
-                                   jnp.asarray(i["attention_mask"], jnp.int32))
+        out = jax.jit(model.apply)({"params": params}, images, ids, mask)
+        if "raw_image" in i:
+            raw = jnp.asarray(np.asarray(i["raw_image"]).transpose(0, 2, 3, 1))
+            pre = clip_preprocess(raw, model.image_size, crop="torchvision")
+            from_raw = jax.jit(image_reward, static_argnums=0)(model, params, raw, ids, mask)
     checks = []
     for name in ("image_embeds", "text_last_hidden_state", "text_cls_feature"):
         if name in o:
@@ -53,4 +61,9 @@ def check_blip(fx: Fixture) -> list[Check]:
     for name in ("mlp_raw", "reward"):
         if name in o:
             checks.append(score_check(name, getattr(out, name), o[name]))
+    # The differentiable path from [0, 1] images: preprocessing, then the whole reward.
+    if "raw_image" in i and "preprocessed" in o:
+        checks.append(feature_check("preprocessed", np.asarray(pre).transpose(0, 3, 1, 2), o["preprocessed"]))
+    if "raw_image" in i and "score_from_raw" in o:
+        checks.append(score_check("score_from_raw", np.asarray(from_raw)[:, None], o["score_from_raw"]))
     return checks
