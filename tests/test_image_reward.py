@@ -208,3 +208,22 @@ def test_convert_cli_family_blip_round_trip(blip_fx, tmp_path):
     bad = tmp_path / "clip.npz"
     np.savez(bad, **{"visual.transformer.resblocks.0.attn.in_proj_weight": np.zeros((6, 2), np.float32)})
     assert convert.main(["--model", "blip", str(bad), str(tmp_path / "x")]) != 0
+
+
+def test_image_reward_on_the_8_device_mesh():
+    """Frozen params as a replicated, non-donated jit argument; images and prompts sharded over
+    the batch: the same rewards as one device."""
+    from softdimo_jax.core.image_reward import image_reward
+    from softdimo_jax.runtime.mesh import make_mesh, replicated, shard_batch
+
+    model, params, ids, mask = _tiny()
+    mesh = make_mesh()
+    n = mesh.size
+    images = jax.random.uniform(jax.random.PRNGKey(5), (n, 16, 16, 3))
+    ids, mask = np.tile(ids, (n // 2, 1)), np.tile(mask, (n // 2, 1))
+    f = jax.jit(image_reward, static_argnums=0)
+    want = f(model, params, images, ids, mask)
+    p = jax.device_put(params, replicated(mesh))
+    got = f(model, p, *shard_batch((images, ids, mask), mesh))
+    assert got.sharding.spec[0] is not None  # the rewards stay sharded over the batch
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -268,9 +268,17 @@ def image_reward_from_cfg(cfg: Mapping[str, Any], **overrides) -> ImageReward:
     )
     if layers and int(layers[0]) != kwargs["text_hidden"]:
         raise ValueError(f"the MLP input {layers[0]} must equal the text hidden size {kwargs['text_hidden']}")
-    act = str(_get(med, "hidden_act", "gelu"))
-    if act != "gelu":
-        raise ValueError(f"med_config hidden_act {act!r} is not supported (ImageReward uses exact 'gelu')")
+    # What ImageReward fixes and the port assumes: refuse a cfg that says otherwise.
+    unsupported = {
+        "med_config.hidden_act": (str(_get(med, "hidden_act", "gelu")), "gelu"),
+        "med_config.position_embedding_type": (str(_get(med, "position_embedding_type", "absolute")), "absolute"),
+        "med_config.add_cross_attention": (bool(_get(med, "add_cross_attention", True)), True),
+        "vit.qkv_bias": (bool(_get(vit, "qkv_bias", True)), True),
+        "mlp.activations": (_get(mlp, "activations", None), None),
+    }
+    for key, (got, want) in unsupported.items():
+        if got != want:
+            raise ValueError(f"{key} = {got!r} is not supported (ImageReward uses {want!r})")
     kwargs.update(overrides)
     return ImageReward(**kwargs)
 
