@@ -141,7 +141,8 @@ def test_image_reward_gradient_matches_finite_differences():
 def test_image_reward_registry_entry_and_refusals(blip_fx):
     import jax.numpy as jnp
 
-    from softdimo_jax.core.image_reward import ImageRewardInputError, image_reward, prompt_tokens
+    from softdimo_jax.core.image_reward import (ImageRewardInputError, check_prompt_ids, image_reward,
+                                               prompt_tokens)
     from softdimo_jax.core.reward import available_rewards, build_reward, build_reward_set
 
     model, params, ids, mask = _tiny()
@@ -162,6 +163,11 @@ def test_image_reward_registry_entry_and_refusals(blip_fx):
         with pytest.raises(ImageRewardInputError) as e:
             build_reward("image_reward", image_reward_model=model, image_reward_params=bad)
         assert "\n" not in str(e.value) and " — " in str(e.value)
+    check_prompt_ids(model, ids, mask)
+    with pytest.raises(ImageRewardInputError, match="outside ImageReward's vocabulary of 40 — tokenize"):
+        check_prompt_ids(model, ids + 39, mask)
+    with pytest.raises(ImageRewardInputError, match="exceed ImageReward's 35 positions"):
+        check_prompt_ids(model, np.ones((2, 36), np.int32), np.ones((2, 36), np.int32))
     with pytest.raises(ImageRewardInputError, match="needs the ImageReward model"):
         build_reward("image_reward", image_reward_model=object(), image_reward_params=params)
     with pytest.raises(ImageRewardInputError, match="--model blip"):

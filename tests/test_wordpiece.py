@@ -74,3 +74,19 @@ def test_missing_or_bad_vocab_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(BadInput) as e:
         WordPieceTokenizer()
     assert "\n" not in str(e.value) and "env_missing.txt" in str(e.value)
+
+
+def test_cases_of_berts_own_tokenizer_tests(tmp_path):
+    """Expected outputs of transformers' BERT tokenizer tests, re-checked here."""
+    assert basic_tokenize("  \tHäLLo!how  \n Are yoU?  ") == ["hallo", "!", "how", "are", "you", "?"]
+    assert basic_tokenize("ah\u535a\u63a8zz") == ["ah", "\u535a", "\u63a8", "zz"]
+    assert basic_tokenize("a-b`c.d") == ["a", "-", "b", "`", "c", ".", "d"]
+    assert basic_tokenize("\xad") == []  # soft hyphen (Cf) is a control character: dropped
+    p = tmp_path / "vocab.txt"
+    p.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "want", "##want", "##ed", "wa", "un", "runn",
+                            "##ing"]) + "\n")
+    tok = WordPieceTokenizer(str(p))
+    assert tok.tokenize("") == []
+    assert tok.tokenize("unwanted running") == ["un", "##want", "##ed", "runn", "##ing"]
+    assert tok.tokenize("unwantedX running") == ["[UNK]", "runn", "##ing"]
+    assert tok.tokenize("Test \xad test") == ["[UNK]", "[UNK]"]

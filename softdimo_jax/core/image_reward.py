@@ -57,6 +57,21 @@ def prompt_tokens(condition) -> tuple[Any, Any]:
                      f"data.wordpiece.WordPieceTokenizer, got {type(condition).__name__}")
 
 
+def check_prompt_ids(model: ImageReward, input_ids, attention_mask) -> None:
+    """Host-side check of tokenized prompts against the model (inside jit an id past the
+    vocabulary would be clamped silently): shapes, id range, length."""
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ImageRewardInputError(f"prompt ids {ids.shape} and mask {mask.shape} must both be (B, T) — pass the "
+                                    "two arrays of WordPieceTokenizer(prompts)")
+    if ids.shape[1] > model.max_position_embeddings:
+        raise ImageRewardInputError(f"prompts of {ids.shape[1]} tokens exceed ImageReward's "
+                                    f"{model.max_position_embeddings} positions — tokenize with max_length 35")
+    if ids.size and (ids.min() < 0 or ids.max() >= model.vocab_size):
+        raise ImageRewardInputError(f"prompt ids reach {int(ids.max())}, outside ImageReward's vocabulary of "
+                                    f"{model.vocab_size} — tokenize with bert-base-uncased's vocab.txt")
+
+
 def check_image_reward_params(model, params) -> None:
     """One-line refusal of a model or params tree that is not ImageReward's (e.g. a CLIP
     checkpoint handed to image_reward)."""
