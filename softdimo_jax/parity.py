@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "maskgit_transformer": "softdimo_jax.parity_checks.maskgit:check_transformer",
     "taming_vqgan": "softdimo_jax.parity_checks.maskgit:check_vqgan",
     "fid_inception": "softdimo_jax.parity_checks.inception:check_inception",
+    "blip": "softdimo_jax.parity_checks.blip:check_blip",
 }
 
 # Names the fixture files use for a family, where they differ from the convert names.

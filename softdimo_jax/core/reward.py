@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from softdimo_jax.core.gan import make_refine_distiller
+from softdimo_jax.core.image_reward import image_reward_parts
 from softdimo_jax.models.soft_embed import SoftEmbedder
 
 
@@ -176,6 +177,10 @@ def digits_classifier_logprob(*, classifier_apply=None, classifier_params=None,
 def brightness(**_unused) -> Reward:
     """Mean pixel value: a weight-free toy reward (tests, smoke runs)."""
     return Reward("brightness", lambda params, images, condition: jnp.mean(images, axis=(1, 2, 3)), {})
+
+
+# ImageReward (core.image_reward): condition = (input_ids, attention_mask) of the BERT tokenizer.
+register_reward("image_reward")(lambda **resources: Reward("image_reward", *image_reward_parts(**resources)))
 
 
 # --------------------------------------------------------------------------- reward fine-tuning

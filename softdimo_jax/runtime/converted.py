@@ -132,6 +132,13 @@ FAMILIES: dict[str, Family] = {
         expected="softdimo_jax.models.taming_vqgan:vqgan_expected_params",
         help="taming VQGAN f16-1024 (Lightning last.ckpt; loss.* keys skipped and reported)",
     ),
+    "blip": Family(
+        module="softdimo_jax.models.blip:ImageReward",
+        converter="softdimo_jax.conversion.blip:convert_image_reward",
+        defaults="softdimo_jax.conversion.blip:image_reward_defaults",
+        expected="softdimo_jax.models.blip:image_reward_expected_params",
+        help="ImageReward v1.0 reward model (ImageReward.pt; BLIP ViT-L + BERT + MLP head)",
+    ),
 }
 
 
