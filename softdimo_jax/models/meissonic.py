@@ -278,12 +278,12 @@ class MeissonicTransformer(nn.Module):
 
     def embedding_table(self):
         """(vocab_size, C) input embedding (rows ≥ codebook_size are MASK/unused)."""
-        return self.variables["params"]["embed"]["embeddings"]["embedding"]
+        return self.variables["params"]["embed_embeddings"]["embedding"]
 
     @nn.compact
     def __call__(self, tokens=None, encoder_hidden_states=None, pooled_projections=None, micro_conds=None,
                  timestep=None, *, input_embeddings=None, img_ids=None, txt_ids=None,
-                 noise_emb_perturb: float = 0.0, perturb_noise=None, return_intermediates: bool = False):
+                 noise_emb_perturb=0.0, perturb_noise=None, return_intermediates: bool = False):
         self._check_config()
         d, dt = self.inner_dim, self.dtype
         if (tokens is None) == (input_embeddings is None):
@@ -321,8 +321,9 @@ class MeissonicTransformer(nn.Module):
         h = RMSNorm(dt, name="embed_layer_norm")(e)
         h = nn.Dense(d, use_bias=False, dtype=dt, name="embed_conv")(h)  # 1x1 conv
         if perturb_noise is not None:
-            p = float(noise_emb_perturb)
-            h = (p * jnp.asarray(perturb_noise, h.dtype) + math.sqrt(1.0 - p * p) * h).astype(dt)
+            # Di[M]O: h = p·ε + sqrt(1 − p²)·h (p may be traced; ε is the caller's N(0, 1) draw).
+            p = jnp.asarray(noise_emb_perturb, jnp.float32)
+            h = (p * jnp.asarray(perturb_noise, jnp.float32) + jnp.sqrt(1.0 - p * p) * h).astype(dt)
         inter["embed"] = h
         if self.downsample:
             if hh % 2 or ww % 2:
