@@ -169,8 +169,20 @@ def test_convert_cli_reads_diffusers_folders_and_refuses_the_wrong_family(tmp_pa
     fields, weights = transformer_folder(str(bdir))
     assert fields["num_layers"] == 3 and weights.endswith(".safetensors")
     assert convert_cli.main(["--model", "meissonic_transformer", str(bdir), str(tmp_path / "bad2")]) != 0
-    err = capsys.readouterr().err
-    assert "does not match the model" in err.splitlines()[0] and "transformer_blocks.2.attn.to_q.weight" in err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 2 dual-stream and 2 single-stream blocks" in err
+    # A width/vocab mismatch is named in one line too; other mismatches get the full key report.
+    model = build_transformer(tfx.cfg)
+    with pytest.raises(ConversionError, match=r"embed\.embeddings\.weight is \(72, 32\).*\(80, 32\)"):
+        convert_meissonic_transformer(tfx.sd, model.clone(vocab_size=80))
+    sd = dict(tfx.sd)
+    del sd["mlm_layer.conv1.weight"]
+    with pytest.raises(ConversionError, match=r"missing keys \(1\):\n    mlm_layer\.conv1\.weight"):
+        convert_meissonic_transformer(sd, model)
+    with pytest.raises(ConversionError, match="it looks like a diffusers VQModel"):
+        convert_meissonic_transformer(vfx.sd, model)
+    with pytest.raises(ConversionError, match="it looks like Meissonic's transformer"):
+        convert_meissonic_vq(tfx.sd, build_vq(vfx.cfg))
     # Variants the port does not implement are refused from the config, in one line.
     with pytest.raises(ConversionError, match="mid_block_add_attention=True is not implemented"):
         meissonic_vq_config_from_json(dict(vfx.cfg["config"], mid_block_add_attention=True))

@@ -120,9 +120,62 @@ def _transformer_rule(path: tuple, shape: tuple):
     return ".".join(segs + [suffix]), src_shape, transform
 
 
+# Key patterns of the other Meissonic parts, to name the right --model in a refusal.
+_PARTS = (
+    ("mlm_layer.", "Meissonic's transformer (transformer/)", "--model meissonic_transformer"),
+    ("encoder.down_blocks.", "a diffusers VQModel (vqvae/)", "--model meissonic_vqvae"),
+    ("text_model.encoder.layers.", "a CLIP text encoder (text_encoder/)", "a text-encoder family"),
+)
+
+
+def _refuse_other_part(sd: Mapping[str, Any], name: str, what: str, marker: str) -> None:
+    if any(k.startswith(marker) for k in sd):
+        return
+    for pattern, other, fix in _PARTS:
+        if any(k.startswith(pattern) for k in sd):
+            raise ConversionError(f"{name} is not {what}, it looks like {other} — convert it with {fix}")
+    raise ConversionError(f"{name} is not {what} (no '{marker}*' keys) — pass the right folder or --model")
+
+
+def _indices(sd: Mapping[str, Any], prefix: str) -> set[int]:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return {int(m.group(1)) for k in sd for m in [pat.match(k)] if m}
+
+
+def check_transformer_state_dict(sd: Mapping[str, Any], model: MeissonicTransformer, name: str) -> None:
+    """One-line refusals before the full key report: another part, or depths/widths that differ."""
+    _refuse_other_part(sd, name, "a Meissonic transformer checkpoint", "mlm_layer.")
+    dual = len(_indices(sd, "transformer_blocks."))
+    single = len(_indices(sd, "single_transformer_blocks."))
+    if (dual, single) != (model.num_layers, model.num_single_layers):
+        raise ConversionError(f"{name} holds {dual} dual-stream and {single} single-stream blocks, the config asks "
+                              f"for {model.num_layers} and {model.num_single_layers} — use the config.json that came "
+                              "with these weights")
+    emb = sd.get("embed.embeddings.weight")
+    if emb is not None and tuple(emb.shape) != (model.vocab_size, model.inner_dim):
+        raise ConversionError(f"{name}: embed.embeddings.weight is {tuple(emb.shape)}, the config gives "
+                              f"({model.vocab_size}, {model.inner_dim}) (vocab_size, heads·head_dim) — use the "
+                              "config.json that came with these weights")
+
+
+def check_vq_state_dict(sd: Mapping[str, Any], model: MeissonicVQModel, name: str) -> None:
+    """One-line refusals before the full key report: another part, or levels/codebook that differ."""
+    _refuse_other_part(sd, name, "a VQModel checkpoint", "encoder.down_blocks.")
+    levels = len(_indices(sd, "encoder.down_blocks."))
+    if levels != len(model.block_out_channels):
+        raise ConversionError(f"{name} has {levels} encoder levels, the config gives {len(model.block_out_channels)} "
+                              "block_out_channels — use the config.json that came with these weights")
+    cb = sd.get("quantize.embedding.weight")
+    if cb is not None and tuple(cb.shape) != (model.num_vq_embeddings, model.embed_dim):
+        raise ConversionError(f"{name}: the codebook is {tuple(cb.shape)}, the config gives "
+                              f"({model.num_vq_embeddings}, {model.embed_dim}) — use the config.json that came "
+                              "with these weights")
+
+
 def convert_meissonic_transformer(sd: Mapping[str, np.ndarray], model: MeissonicTransformer, *,
                                   name: str = "Meissonic transformer") -> dict:
     """Meissonic `Transformer2DModel` state dict -> params of `model` (strict)."""
+    check_transformer_state_dict(sd, model, name)
     s = StrictStateDict(sd, name=name)
     expected = transformer_expected_params(model)
     params = _convert(s, expected, _transformer_rule)
@@ -153,6 +206,7 @@ def _vq_rule(path: tuple, shape: tuple):
 def convert_meissonic_vq(sd: Mapping[str, np.ndarray], model: MeissonicVQModel, *,
                          name: str = "Meissonic VQ model") -> dict:
     """diffusers `VQModel` (aMUSEd layout) state dict -> params of `model` (strict)."""
+    check_vq_state_dict(sd, model, name)
     s = StrictStateDict(sd, name=name)
     expected = vq_expected_params(model)
     params = _convert(s, expected, _vq_rule)
