@@ -18,8 +18,9 @@ from softdimo_jax.conversion.meissonic import (
     vq_folder,
 )
 from softdimo_jax.conversion.state_dict import ConversionError
-from softdimo_jax.models.meissonic import MeissonicTransformer
+from softdimo_jax.models.meissonic import MeissonicTransformer, embedding_table
 from softdimo_jax.models.meissonic_vq import MeissonicVQModel
+from softdimo_jax.models.soft_embed import expected_embedding
 from softdimo_jax.parity import load_fixture
 from softdimo_jax.parity_checks.meissonic import build_transformer, build_vq, check_transformer, check_vqvae
 from softdimo_jax.runtime.converted import load_converted
@@ -100,7 +101,13 @@ def test_soft_path_equals_hard_path_on_one_hot(tfx, vfx):
         np.testing.assert_allclose(np.asarray(soft), np.asarray(hard), atol=1e-5)
         # Probabilities over the codes only (the generator's output) on MASK-free ids.
         codes = jnp.where(tokens == model.mask_token_id, 3, tokens)
-        soft_k = fwd(v, None, embed(v, jax.nn.one_hot(codes, model.codebook_size)), None, 0.0)
+        emb_k = embed(v, jax.nn.one_hot(codes, model.codebook_size))
+        # The project's soft-embedding helper on the exported table gives the same p @ E.
+        np.testing.assert_allclose(
+            np.asarray(expected_embedding(jax.nn.one_hot(codes, model.codebook_size),
+                                          embedding_table(params, model.codebook_size))),
+            np.asarray(emb_k), atol=1e-6)
+        soft_k = fwd(v, None, emb_k, None, 0.0)
         np.testing.assert_allclose(np.asarray(soft_k), np.asarray(fwd(v, codes, None, None, 0.0)), atol=1e-5)
         # Di[M]O's perturbation with p = 0 is the identity; with p > 0 it changes the logits.
         noise = jax.random.normal(jax.random.PRNGKey(0), tokens.shape + (model.inner_dim,))

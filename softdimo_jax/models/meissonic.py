@@ -387,6 +387,13 @@ class MeissonicTransformer(nn.Module):
                           precision=jax.lax.Precision.HIGHEST)
 
 
+def embedding_table(params, codebook_size: int | None = None):
+    """The input embedding rows from a params tree, (vocab_size or codebook_size, C): E for
+    teacher-side soft tokens p @ E (drop the MASK/unused rows by passing codebook_size)."""
+    table = params["embed_embeddings"]["embedding"]
+    return table if codebook_size is None else table[:codebook_size]
+
+
 def _get(cfg, key, default=None):
     if hasattr(cfg, "get"):
         return cfg.get(key, default)
