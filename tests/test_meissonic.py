@@ -24,7 +24,8 @@ from softdimo_jax.models.soft_embed import expected_embedding
 from softdimo_jax.parity import load_fixture
 from softdimo_jax.parity_checks.meissonic import build_transformer, build_vq, check_transformer, check_vqvae
 from softdimo_jax.runtime.converted import load_converted
-from softdimo_jax.sampling.meissonic_sampler import meissonic_generate, pipeline_micro_conds
+from softdimo_jax.sampling.meissonic_sampler import (dimo_initial_tokens, meissonic_generate, meissonic_one_step,
+                                                     pipeline_micro_conds)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +112,15 @@ def test_soft_path_equals_hard_path_on_one_hot(tfx, vfx):
             np.asarray(emb_k), atol=1e-6)
         soft_k = fwd(v, None, emb_k, zero, 0.0)
         np.testing.assert_allclose(np.asarray(soft_k), np.asarray(fwd(v, codes, None, zero, 0.0)), atol=1e-5)
-        # Di[M]O's perturbation changes the logits for p > 0.
+        # Di[M]O's perturbation changes the logits for p > 0; entering after the embedding block
+        # with that perturbed embedding (what TTEO optimises) gives the same logits.
         noise = jax.random.normal(jax.random.PRNGKey(0), zero.shape)
-        assert float(jnp.max(jnp.abs(fwd(v, tokens, None, noise, 0.5) - hard))) > 1e-3
+        moved = fwd(v, tokens, None, noise, 0.5)
+        assert float(jnp.max(jnp.abs(moved - hard))) > 1e-3
+        _, inter = jax.jit(lambda v: model.apply(v, tokens, *args, perturb_noise=noise, noise_emb_perturb=0.5,
+                                                 return_intermediates=True))(v)
+        from_embedded = jax.jit(lambda v, e: model.apply(v, None, *args, embedded=e))(v, inter["embed"])
+        np.testing.assert_allclose(np.asarray(from_embedded), np.asarray(moved), atol=1e-5)
 
     # VQ: decode_soft and decode_tokens share decode_latents; on one-hot probabilities the soft
     # latents p @ codebook are the looked-up rows (the fixture checks decode_soft itself).
@@ -144,6 +151,14 @@ def test_sampler_with_rng_fills_every_position(tfx):
     np.testing.assert_array_equal(np.asarray(again), ids)
     with pytest.raises(ValueError, match="exactly one of rng or recorded"):
         meissonic_generate(model, params, *args, **kw)
+    # Di[M]O's one-step student call: round(0.5·48) = 24 masked initial tokens, perturbed embedding.
+    init = np.asarray(dimo_initial_tokens(jax.random.PRNGKey(2), 2, (8, 6), model.codebook_size,
+                                          model.mask_token_id, 0.5))
+    assert (init == model.mask_token_id).sum(axis=(1, 2)).tolist() == [24, 24]
+    ids1, logits1 = meissonic_one_step(model, params, args[0], args[1], jax.random.PRNGKey(3), grid=(8, 6),
+                                       temperature=0.0)
+    assert ids1.shape == (2, 8, 6) and logits1.shape == (2, 8, 6, model.codebook_size)
+    np.testing.assert_array_equal(np.asarray(ids1), np.asarray(jnp.argmax(logits1, axis=-1)))
 
 
 def _write_folder(path, cfg, sd, class_name):

@@ -24,7 +24,8 @@ per-head RMSNorm.
 Extras over the original: `input_embeddings=` takes p @ E (the soft tokens of SPEC §1.2,
 before the embedding RMSNorm, which is applied after the expectation), `perturb_noise` /
 `noise_emb_perturb` are Di[M]O's perturbed initial embeddings with the noise as an input,
-and `return_intermediates=True` returns the activations the parity fixture records.
+`embedded=` enters after the embedding block (the perturbed embedding TTEO optimises), and
+`return_intermediates=True` returns the activations the parity fixture records.
 """
 
 from __future__ import annotations
@@ -283,24 +284,37 @@ class MeissonicTransformer(nn.Module):
     @nn.compact
     def __call__(self, tokens=None, encoder_hidden_states=None, pooled_projections=None, micro_conds=None,
                  timestep=None, *, input_embeddings=None, img_ids=None, txt_ids=None,
-                 noise_emb_perturb=0.0, perturb_noise=None, return_intermediates: bool = False):
+                 noise_emb_perturb=0.0, perturb_noise=None, embedded=None, return_intermediates: bool = False):
         self._check_config()
         d, dt = self.inner_dim, self.dtype
-        if (tokens is None) == (input_embeddings is None):
-            raise ValueError("pass exactly one of tokens (B, H, W) or input_embeddings (B, H, W, C)")
+        if sum(x is not None for x in (tokens, input_embeddings, embedded)) != 1:
+            raise ValueError("pass exactly one of tokens (B, H, W), input_embeddings (B, H, W, C) or embedded "
+                             "(B, H, W, C)")
         if encoder_hidden_states is None or pooled_projections is None or micro_conds is None or timestep is None:
             raise ValueError("Meissonic needs encoder_hidden_states, pooled_projections, micro_conds and timestep")
-        embed = nn.Embed(self.vocab_size, d, name="embed_embeddings")
-        if tokens is not None:
-            if tokens.ndim != 3:
-                raise ValueError(f"tokens must be (B, H, W) ids, got shape {tokens.shape}")
-            e = embed(jnp.asarray(tokens, jnp.int32))
+        if embedded is not None:
+            if embedded.ndim != 4 or embedded.shape[-1] != d:
+                raise ValueError(f"embedded must be (B, H, W, {d}), got {embedded.shape}")
+            h = jnp.asarray(embedded, dt)
         else:
-            if input_embeddings.ndim != 4 or input_embeddings.shape[-1] != d:
-                raise ValueError(f"input_embeddings must be (B, H, W, {d}), got {input_embeddings.shape}")
-            embed(jnp.zeros((1, 1, 1), jnp.int32))  # keeps the table in the params tree
-            e = input_embeddings
-        b, hh, ww = e.shape[:3]
+            embed = nn.Embed(self.vocab_size, d, name="embed_embeddings")
+            if tokens is not None:
+                if tokens.ndim != 3:
+                    raise ValueError(f"tokens must be (B, H, W) ids, got shape {tokens.shape}")
+                e = embed(jnp.asarray(tokens, jnp.int32))
+            else:
+                if input_embeddings.ndim != 4 or input_embeddings.shape[-1] != d:
+                    raise ValueError(f"input_embeddings must be (B, H, W, {d}), got {input_embeddings.shape}")
+                e = input_embeddings
+            h = RMSNorm(dt, name="embed_layer_norm")(e)
+            h = nn.Dense(d, use_bias=False, dtype=dt, name="embed_conv")(h)  # 1x1 conv
+            if perturb_noise is not None:
+                # Di[M]O: h = p·ε + sqrt(1 − p²)·h; ε is the caller's N(0, 1) draw. A Python p takes
+                # the coefficient in float64 like the original's np.sqrt; a traced p in float32.
+                p = noise_emb_perturb
+                coef = math.sqrt(1.0 - p * p) if isinstance(p, (int, float)) else jnp.sqrt(1.0 - p * p)
+                h = (p * jnp.asarray(perturb_noise, jnp.float32) + coef * h.astype(jnp.float32)).astype(dt)
+        b, hh, ww = h.shape[:3]
         if micro_conds.shape != (b, NUM_MICRO_CONDS):
             raise ValueError(f"micro_conds must be ({b}, {NUM_MICRO_CONDS}), got {micro_conds.shape}")
         if encoder_hidden_states.shape[-1] != self.joint_attention_dim:
@@ -317,13 +331,6 @@ class MeissonicTransformer(nn.Module):
         temb = (MLP2(d, True, dt, name="timestep_embedder")(timestep_sinusoid(t).astype(dt))
                 + MLP2(d, True, dt, name="text_embedder")(cond))
         inter["temb"] = temb
-        # Image tokens.
-        h = RMSNorm(dt, name="embed_layer_norm")(e)
-        h = nn.Dense(d, use_bias=False, dtype=dt, name="embed_conv")(h)  # 1x1 conv
-        if perturb_noise is not None:
-            # Di[M]O: h = p·ε + sqrt(1 − p²)·h (p may be traced; ε is the caller's N(0, 1) draw).
-            p = jnp.asarray(noise_emb_perturb, jnp.float32)
-            h = (p * jnp.asarray(perturb_noise, jnp.float32) + jnp.sqrt(1.0 - p * p) * h).astype(dt)
         inter["embed"] = h
         if self.downsample:
             if hh % 2 or ww % 2:

@@ -174,3 +174,51 @@ def meissonic_generate(
     ids, trace = jax.lax.scan(step, ids0, xs)
     ids = ids.reshape(b, h, w)
     return (ids, trace) if return_trace else ids
+
+
+def dimo_initial_tokens(rng, batch: int, grid: tuple[int, int], codebook_size: int, mask_token_id: int,
+                        r_init: float = 0.5):
+    """Di[M]O's initial state for Meissonic: uniform random codes, exactly
+    max(1, round(r_init·L)) of them (a random permutation per sample) set to MASK."""
+    h, w = grid
+    L = h * w
+    k_tok, k_perm = jax.random.split(rng)
+    tokens = jax.random.randint(k_tok, (batch, L), 0, codebook_size)
+    n_masked = max(1, int(round(L * r_init)))
+    rank = jnp.argsort(jax.random.uniform(k_perm, (batch, L)), axis=-1)
+    tokens = jnp.where(rank < n_masked, mask_token_id, tokens)
+    return tokens.reshape(batch, h, w).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "grid", "r_init", "noise_emb_perturb", "temperature"))
+def meissonic_one_step(
+    model: MeissonicTransformer,
+    params: Any,
+    prompt_embeds,
+    encoder_hidden_states,
+    rng,
+    micro_conds=None,
+    *,
+    grid: tuple[int, int] = (64, 64),
+    r_init: float = 0.5,
+    noise_emb_perturb: float = 0.3,
+    temperature: float = 1.0,
+):
+    """One-step generation with a Di[M]O Meissonic student (its `generate_one_step`): initial
+    tokens from `dimo_initial_tokens`, timestep long(r_init)·1000 = 0, Di[M]O's micro-conditions
+    [1024, 1024, 0, 0, 6] unless given, the embedding perturbed with p = noise_emb_perturb, one
+    forward, tokens ~ softmax(z / T) (T = 0 takes the argmax). Returns (ids (B, H, W), logits (B, H, W, K))."""
+    b = prompt_embeds.shape[0]
+    k_init, k_eps, k_samp = jax.random.split(rng, 3)
+    tokens = dimo_initial_tokens(k_init, b, grid, model.codebook_size, model.mask_token_id, r_init)
+    if micro_conds is None:
+        micro_conds = pipeline_micro_conds(b, aesthetic_score=6.0)
+    micro = jnp.broadcast_to(jnp.asarray(micro_conds, jnp.float32).reshape(-1, 5), (b, 5))
+    noise = jax.random.normal(k_eps, tokens.shape + (model.inner_dim,), jnp.float32)
+    logits = model.apply({"params": params}, tokens, encoder_hidden_states, prompt_embeds, micro,
+                         jnp.zeros((b,), jnp.float32), perturb_noise=noise, noise_emb_perturb=noise_emb_perturb)
+    if temperature == 0:
+        ids = jnp.argmax(logits, axis=-1)
+    else:
+        ids = jax.random.categorical(k_samp, logits / temperature, axis=-1)
+    return ids.astype(jnp.int32), logits
