@@ -23,6 +23,7 @@ from softdimo_jax.models.meissonic_vq import MeissonicVQModel
 from softdimo_jax.models.soft_embed import expected_embedding
 from softdimo_jax.parity import load_fixture
 from softdimo_jax.parity_checks.meissonic import build_transformer, build_vq, check_transformer, check_vqvae
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.converted import load_converted
 from softdimo_jax.sampling.meissonic_sampler import (dimo_initial_tokens, meissonic_generate, meissonic_one_step,
                                                      pipeline_micro_conds)
@@ -210,3 +211,19 @@ def test_convert_cli_reads_diffusers_folders_and_refuses_the_wrong_family(tmp_pa
     # Variants the port does not implement are refused from the config, in one line.
     with pytest.raises(ConversionError, match="mid_block_add_attention=True is not implemented"):
         meissonic_vq_config_from_json(dict(vfx.cfg["config"], mid_block_add_attention=True))
+
+
+def test_forward_on_the_8_device_mesh_equals_one_device(tfx):
+    model = build_transformer(tfx.cfg)
+    params = convert_meissonic_transformer(tfx.sd, model)
+    i = tfx.inputs
+    rep = lambda x: np.concatenate([np.asarray(x)] * 3)[:8]  # 8 rows from the fixture's 3
+    batch = (rep(i["tokens"]).astype(np.int32), rep(i["encoder_hidden_states"]), rep(i["pooled_projections"]),
+             rep(i["micro_conds"]), rep(i["timestep"]))
+    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    with jax.default_matmul_precision("highest"):
+        want = fwd(params, *batch)
+        mesh = meshlib.make_mesh(8)
+        got = fwd(jax.device_put(params, meshlib.replicated(mesh)), *meshlib.shard_batch(batch, mesh))
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
