@@ -292,6 +292,8 @@ class MeissonicTransformer(nn.Module):
                              "(B, H, W, C)")
         if encoder_hidden_states is None or pooled_projections is None or micro_conds is None or timestep is None:
             raise ValueError("Meissonic needs encoder_hidden_states, pooled_projections, micro_conds and timestep")
+        if perturb_noise is None and not (isinstance(noise_emb_perturb, (int, float)) and noise_emb_perturb == 0):
+            raise ValueError("noise_emb_perturb needs perturb_noise, the N(0, 1) draw of shape (B, H, W, C)")
         if embedded is not None:
             if embedded.ndim != 4 or embedded.shape[-1] != d:
                 raise ValueError(f"embedded must be (B, H, W, {d}), got {embedded.shape}")
