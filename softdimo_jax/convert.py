@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -53,6 +54,9 @@ def convert(model_name: str, src: str, dst: str, *, bits: int | None = None, ove
         raise ValueError(f"unknown --model {model_name!r}; known: {sorted(FAMILIES)}")
     fam = FAMILIES[model_name]
     config = fam.default_config(bits)
+    if os.path.isdir(src):  # diffusers-format folder: the architecture comes from its config.json
+        folder_config, src = fam.read_folder(src)
+        config.update(folder_config)
     unknown = sorted(set(overrides or {}) - set(module_config(fam.build(config))))
     if unknown:
         raise ValueError(f"unknown config fields {unknown} for {model_name}; fields: {sorted(config)}")

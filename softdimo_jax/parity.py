@@ -31,6 +31,8 @@ FAMILIES: dict[str, str] = {
     "taming_vqgan": "softdimo_jax.parity_checks.maskgit:check_vqgan",
     "fid_inception": "softdimo_jax.parity_checks.inception:check_inception",
     "blip": "softdimo_jax.parity_checks.blip:check_blip",
+    "meissonic_transformer": "softdimo_jax.parity_checks.meissonic:check_transformer",
+    "meissonic_vqvae": "softdimo_jax.parity_checks.meissonic:check_vqvae",
 }
 
 # Names the fixture files use for a family, where they differ from the convert names.

@@ -39,9 +39,9 @@ def _swish(x):
     return x * jax.nn.sigmoid(x)
 
 
-def _group_norm(name: str) -> nn.GroupNorm:
+def _group_norm(name: str, groups: int = _GN_GROUPS) -> nn.GroupNorm:
     # float32 statistics with a two-pass variance, as torch computes them.
-    return nn.GroupNorm(num_groups=_GN_GROUPS, epsilon=_GN_EPS, dtype=jnp.float32,
+    return nn.GroupNorm(num_groups=groups, epsilon=_GN_EPS, dtype=jnp.float32,
                         use_fast_variance=False, name=name)
 
 
@@ -53,12 +53,13 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    groups: int = _GN_GROUPS  # diffusers' ResnetBlock2D (aMUSEd/Meissonic VQ) takes it from its config
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        h = _swish(_group_norm("norm1")(x)).astype(self.dtype)
+        h = _swish(_group_norm("norm1", self.groups)(x)).astype(self.dtype)
         h = _conv3(self.out_channels, "conv1", self.dtype)(h)
-        h = _swish(_group_norm("norm2")(h)).astype(self.dtype)
+        h = _swish(_group_norm("norm2", self.groups)(h)).astype(self.dtype)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = _conv3(self.out_channels, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:

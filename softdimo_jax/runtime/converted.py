@@ -53,6 +53,8 @@ class Family:
     defaults: "pkg.mod:fn", fn(bits: int | None) -> dict of module fields.
     expected: "pkg.mod:fn", fn(model) -> the params shape tree (e.g. via jax.eval_shape).
     subkey: the entry of a wrapped PyTorch checkpoint that holds the weights (None: auto).
+    folder: "pkg.mod:fn", fn(dir) -> (module fields from the dir's config.json, weights file):
+      families that come as diffusers-format folders (None: SRC must be a file).
     """
 
     module: str
@@ -61,6 +63,7 @@ class Family:
     expected: str
     subkey: str | None = None
     help: str = ""
+    folder: str | None = None
 
     def module_cls(self):
         return _resolve(self.module)
@@ -73,6 +76,11 @@ class Family:
 
     def convert(self, sd, model):
         return _resolve(self.converter)(sd, model)
+
+    def read_folder(self, path: str) -> tuple[dict, str]:
+        if self.folder is None:
+            raise ValueError(f"{path} is a directory — this family takes a checkpoint file")
+        return _resolve(self.folder)(path)
 
 
 FAMILIES: dict[str, Family] = {
@@ -138,6 +146,22 @@ FAMILIES: dict[str, Family] = {
         defaults="softdimo_jax.conversion.blip:image_reward_defaults",
         expected="softdimo_jax.models.blip:image_reward_expected_params",
         help="ImageReward v1.0 reward model (ImageReward.pt; BLIP ViT-L + BERT + MLP head)",
+    ),
+    "meissonic_transformer": Family(
+        module="softdimo_jax.models.meissonic:MeissonicTransformer",
+        converter="softdimo_jax.conversion.meissonic:convert_meissonic_transformer",
+        defaults="softdimo_jax.conversion.meissonic:meissonic_transformer_defaults",
+        expected="softdimo_jax.models.meissonic:transformer_expected_params",
+        folder="softdimo_jax.conversion.meissonic:transformer_folder",
+        help="Meissonic Transformer2DModel (the transformer/ folder: config.json + diffusion_pytorch_model.*)",
+    ),
+    "meissonic_vqvae": Family(
+        module="softdimo_jax.models.meissonic_vq:MeissonicVQModel",
+        converter="softdimo_jax.conversion.meissonic:convert_meissonic_vq",
+        defaults="softdimo_jax.conversion.meissonic:meissonic_vq_defaults",
+        expected="softdimo_jax.models.meissonic_vq:vq_expected_params",
+        folder="softdimo_jax.conversion.meissonic:vq_folder",
+        help="Meissonic VQ model (the vqvae/ folder: config.json + diffusion_pytorch_model.*)",
     ),
 }
 
