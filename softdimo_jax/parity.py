@@ -30,6 +30,8 @@ FAMILIES: dict[str, str] = {
     "maskgit_transformer": "softdimo_jax.parity_checks.maskgit:check_transformer",
     "taming_vqgan": "softdimo_jax.parity_checks.maskgit:check_vqgan",
     "fid_inception": "softdimo_jax.parity_checks.inception:check_inception",
+    "openclip": "softdimo_jax.parity_checks.clip:check_openclip",
+    "hfclip": "softdimo_jax.parity_checks.clip:check_hfclip",
 }
 
 # Names the fixture files use for a family, where they differ from the convert names.
