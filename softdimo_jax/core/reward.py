@@ -32,6 +32,7 @@ like the GAN term.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -46,9 +47,21 @@ class Reward:
     name: str
     apply: Callable[[Any, jax.Array, Any], jax.Array]  # (params, images, condition) -> (B,)
     params: Any = None
+    # Text-to-image rewards: host-side captions -> per-prompt inputs (pytree, leading axis N),
+    # computed once per prompt table; `apply` reads them as condition["reward_text"][name]
+    # (core/t2i_reward.py). None for rewards without a text side.
+    encode_prompts: Callable[[list], Any] | None = None
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+# Rewards registered by modules loaded on first use (their model code stays out of every
+# import of the registry): name -> the module whose import registers it.
+LAZY_REWARDS: dict[str, str] = {
+    "clip_score": "softdimo_jax.core.t2i_reward",
+    "hps_v2": "softdimo_jax.core.t2i_reward",
+    "pickscore": "softdimo_jax.core.t2i_reward",
+}
 
 
 def register_reward(name: str):
@@ -64,10 +77,12 @@ def register_reward(name: str):
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(LAZY_REWARDS))
 
 
 def build_reward(name: str, **resources) -> Reward:
+    if name not in _REGISTRY and name in LAZY_REWARDS:
+        importlib.import_module(LAZY_REWARDS[name])
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; registered: {available_rewards()} "
                        "(add one with @register_reward)")

@@ -99,10 +99,7 @@ class CLIP(nn.Module):
     remat: bool = False
 
     def setup(self):
-        self.visual = ClipVisionTransformer(
-            self.image_size, self.patch_size, self.vision_width, self.vision_layers, self.vision_heads,
-            self.vision_mlp_ratio, self.embed_dim, self.quick_gelu, self.ln_eps, self.dtype, self.remat,
-        )
+        self.visual = clip_vision_tower(self)
         self.text = clip_text_tower(self)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), ())
 
@@ -131,6 +128,15 @@ class HFCLIPModel(CLIP):
     position ids arange(T)), and an attention mask may be passed."""
 
     variable_length: bool = True
+
+
+def clip_vision_tower(clip: CLIP) -> ClipVisionTransformer:
+    """The image tower of `clip` (unbound outside `apply`): apply it with `params["visual"]`
+    alone, e.g. in a reward step that needs no text tower."""
+    return ClipVisionTransformer(
+        clip.image_size, clip.patch_size, clip.vision_width, clip.vision_layers, clip.vision_heads,
+        clip.vision_mlp_ratio, clip.embed_dim, clip.quick_gelu, clip.ln_eps, clip.dtype, clip.remat,
+    )
 
 
 def clip_text_tower(clip: CLIP) -> ClipTextTransformer:
