@@ -88,3 +88,15 @@ def test_generate_geneval_folder_calls_the_sampler_per_prompt(tmp_path):
     ev.generate_geneval_folder(sample_fn, META, str(tmp_path / "g"), images_per_prompt=2)
     assert seen == [[META[0]["prompt"]] * 2, [META[1]["prompt"]] * 2]
     assert all(len(imgs) == 2 for _, imgs in ev.read_geneval_folder(str(tmp_path / "g")))
+
+
+def test_reward_set_from_converted_checkpoints(tmp_path):
+    from softdimo_jax.runtime.converted import save_converted
+
+    m, p = _tiny(HFCLIPModel, 2)
+    save_converted(str(tmp_path / "pick"), "hfclip", m, p)
+    rs = ev.reward_set_from_checkpoints({"pickscore": str(tmp_path / "pick")})
+    assert rs.names == ("pickscore",) and rs.weights == (1.0,)
+    np.testing.assert_array_equal(rs.params[0]["logit_scale"], p["logit_scale"])
+    with pytest.raises(ValueError, match="needs its converted model"):
+        ev.reward_set_from_checkpoints({"pickscore": str(tmp_path / "pick")}, {"hps_v2": 1.0})

@@ -22,16 +22,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from softdimo_jax.core import reward as rewards
 from softdimo_jax.core.t2i_reward import REWARD_TEXT, prompt_reward_inputs
+from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.evaluation.fid import to_uint8
 from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.runtime.converted import load_converted
 
 METADATA = "metadata.jsonl"
 SAMPLES = "samples"
@@ -62,6 +65,20 @@ def read_prompt_metadata(path: str) -> list[dict]:
             raise ValueError(f"{path!r} line {i + 1} has no \"prompt\" string — GenEval metadata lines need one")
         out.append(item)
     return out
+
+
+def reward_set_from_checkpoints(checkpoints: Mapping[str, str], weights: Mapping[str, Any] | None = None, *,
+                                bpe_merges: str | None = None, **resources):
+    """A RewardSet of text-to-image rewards from converted checkpoints: `checkpoints` =
+    {reward name: converted folder} (e.g. {"hps_v2": "ckpt/hps_v2"}), `weights` = {name: λ or
+    {"weight": λ, **options}} (default 1.0 each; names without a weight are left out).
+    Extra keyword `resources` go to every factory (e.g. another reward's tokenizer)."""
+    weights = dict(weights) if weights is not None else {name: 1.0 for name in checkpoints}
+    if not weights:
+        raise ValueError("no rewards chosen — name at least one, e.g. hps_v2=1.0")
+    models = {name: load_converted(path) for name, path in checkpoints.items() if path}
+    return rewards.build_reward_set(weights, t2i_reward_models=models,
+                                    prompt_tokenizer=ClipBPETokenizer(bpe_merges or None), **resources)
 
 
 # --------------------------------------------------------------------------- GenEval folders

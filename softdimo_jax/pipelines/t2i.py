@@ -22,18 +22,16 @@ import os
 import jax
 import numpy as np
 
-from softdimo_jax.core import reward as rewards
 from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller, generator_params
 from softdimo_jax.core.t2i_reward import T2IRewardRefiner, prompt_reward_inputs
 from softdimo_jax.data import prompts
-from softdimo_jax.data.clip_bpe import ClipBPETokenizer
+from softdimo_jax.evaluation.t2i import reward_set_from_checkpoints
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.tatitok import TATiTok
 from softdimo_jax.pipelines import at_scale, phases
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log, to_jsonable
-from softdimo_jax.runtime.converted import load_converted
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
 
@@ -41,13 +39,8 @@ def load_t2i_rewards(spec, config):
     """The RewardSet of `spec` ({name: weight}) with its converted models from
     config.reward_checkpoints and the CLIP BPE tokenizer for prompts."""
     ckpts = config.get("reward_checkpoints") or {}
-    models = {}
-    for name in spec:
-        path = ckpts.get(name, "") if hasattr(ckpts, "get") else ""
-        if path:
-            models[name] = load_converted(path)
-    bpe = ClipBPETokenizer(config.get("bpe_merges") or None)
-    return rewards.build_reward_set(spec, t2i_reward_models=models, prompt_tokenizer=bpe)
+    paths = {name: ckpts.get(name, "") for name in spec} if hasattr(ckpts, "get") else {}
+    return reward_set_from_checkpoints(paths, spec, bpe_merges=config.get("bpe_merges") or None)
 
 
 def reward_prompt_table(config, rset):
