@@ -2,6 +2,8 @@
 rewards with finite-difference-checked image gradients, reward fine-tuning of a tiny MaskGen
 on the 8-device mesh, TTEO for text-to-image, and one-line errors for bad inputs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,7 @@ from softdimo_jax.runtime.trainer import Trainer
 from softdimo_jax.sampling.maskgen_sampler import maskgen_one_step
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
-FAST = {"xla_backend_optimization_level": 0}
+from helpers import FAST
 B, K, L, T, TW = 8, 16, 8, 6, 16
 CAPTIONS = ["a red cube", "two dogs on a beach", "a bowl of soup", "snowy mountain at dawn"]
 
@@ -30,6 +32,17 @@ def _tiny_clip(cls=CLIP, seed=0):
             vocab_size=49408, context_length=77, text_width=16, text_heads=2, text_layers=1)
     p = jax.jit(m.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 77), jnp.int32))["params"]
     return m, p
+
+
+_JIT = jax.jit  # the unpatched jit (grad of a jit with compiler options is refused)
+
+
+@pytest.fixture(scope="module")
+def fast_jit():
+    # Compile time dominates these tiny steps: every jit of this module at XLA -O0.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +66,7 @@ def test_reward_values_and_gradient_match_finite_differences(name, reward_models
     # images of another size than the tower's (20×28 → resize + crop), away from the [0, 1] clip
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 20, 28, 3), minval=0.2, maxval=0.8)
     with jax.default_matmul_precision("highest"):
-        f = jax.jit(lambda x: rset.total(rset.params, x, cond)[0])
+        f = _JIT(lambda x: rset.total(rset.params, x, cond)[0])
         r = f(x)
         # the reward is the original's score of the preprocessed image
         crop = "floor" if name == "pickscore" else "torchvision"
@@ -61,7 +74,7 @@ def test_reward_values_and_gradient_match_finite_differences(name, reward_models
         cos = np.sum(np.asarray(img / np.linalg.norm(img, axis=-1, keepdims=True)) * feats, -1)
         want = cos * (np.exp(float(params["logit_scale"])) if name == "pickscore" else 1.0)
         np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-6)
-        g = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
+        g = jax.grad(lambda x: jnp.sum(f(x)))(x)  # f is jitted
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
         v = jax.random.normal(jax.random.PRNGKey(1), x.shape)
         cd = lambda h: (float(jnp.sum(f(x + h * v))) - float(jnp.sum(f(x - h * v)))) / (2 * h)
@@ -105,7 +118,7 @@ class _HashTokenizer:
 
 
 @pytest.fixture(scope="module")
-def t2i(reward_models, bpe):
+def t2i(reward_models, bpe, fast_jit):
     clip = ClipTextTransformer(vocab_size=48, context_length=T, width=TW, heads=2, layers=2, embed_dim=TW, eos_id=45)
     cp = jax.jit(clip.init)(jax.random.PRNGKey(3), jnp.zeros((1, T), jnp.int32))["params"]
     m = MaskGenVQ(codebook_size=K, seq_len=L, embed_dim=32, depth=1, num_heads=2, text_embed_dim=TW,
@@ -120,17 +133,17 @@ def t2i(reward_models, bpe):
                                     prompt_tokenizer=bpe)
     table = prompts.encode_prompt_table(clip, cp, _HashTokenizer(), CAPTIONS, null_prompt="", text_guidance=True)
     table = table.with_extra(reward_text=t2i_reward.prompt_reward_inputs(rset, table.captions))
-    return m, mp, tok, tp, rset, table
+    plain = make_t2i_tteo_sampler(m, tok, rset, steps=0, temperature=1.0, mesh=make_mesh(8))  # compiled once
+    return m, mp, tok, tp, rset, table, plain
 
 
 def _soft_reward(t2i, gen_params, rows):
-    m, _, tok, tp, rset, _ = t2i
-    tteo = make_t2i_tteo_sampler(m, tok, rset, steps=0, mesh=make_mesh(8))
-    return float(jnp.mean(tteo(gen_params, tp, rset.params, jax.random.PRNGKey(7), rows)["reward_final"]))
+    _, _, _, tp, rset, _, plain = t2i
+    return float(jnp.mean(plain(gen_params, tp, rset.params, jax.random.PRNGKey(7), rows)["reward_final"]))
 
 
 def test_reward_finetuning_raises_the_reward_on_8_devices(t2i):
-    m, mp, tok, tp, rset, table = t2i
+    m, mp, tok, tp, rset, table, _ = t2i
     d = default_distill_config()
     d.update(dict(batch_size=B, lr=3e-3, warmup_steps=1, dropout=0.0, cfg_formula="cond_plus", cfg_scale=3.0,
                   r_init=0.5, sigma_init=0.3))
@@ -156,10 +169,9 @@ def test_reward_finetuning_raises_the_reward_on_8_devices(t2i):
 
 
 def test_t2i_tteo_plain_equivalence_and_reward_increase(t2i):
-    m, mp, tok, tp, rset, table = t2i
+    m, mp, tok, tp, rset, table, plain = t2i
     rows = table.rows(np.arange(B) % len(table))
     rng = jax.random.PRNGKey(11)
-    plain = make_t2i_tteo_sampler(m, tok, rset, steps=0, temperature=1.0, mesh=make_mesh(8))
     out0 = plain(mp, tp, rset.params, rng, rows)
     ids, _ = maskgen_one_step(m, mp, jnp.asarray(rows["condition"]), jnp.asarray(rows["pooled"]), rng, 6.5,
                               r_init=0.5, sigma=0.3, temperature=1.0)
