@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from softdimo_jax.core import reward as rewards
-from softdimo_jax.core.t2i_reward import REWARD_TEXT, prompt_reward_inputs
+from softdimo_jax.core.reward import REWARD_TEXT
+from softdimo_jax.core.t2i_reward import prompt_reward_inputs
 from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.evaluation import t2i as ev
 from softdimo_jax.models.clip import CLIP, HFCLIPModel

@@ -101,6 +101,21 @@ def test_bad_inputs_are_one_line_errors(reward_models, bpe):
     assert "\n" not in str(e.value) and "--model openclip" in str(e.value)
 
 
+def test_each_reward_gets_its_own_prompt_inputs(reward_models, bpe):
+    # A reward without encode_prompts (as ImageReward: BERT ids + mask) takes an encoder;
+    # RewardSet.total hands every reward its own reward_text entry.
+    hps = rewards.build_reward("hps_v2", t2i_reward_models=reward_models, prompt_tokenizer=bpe)
+    toy = rewards.Reward("toy_text", lambda p, x, c: c[0] * jnp.mean(x, axis=(1, 2, 3)) + c[1], {})
+    rset = rewards.RewardSet((hps, toy), (1.0, 2.0))
+    enc = {"toy_text": lambda caps: (np.arange(len(caps), dtype=np.float32), np.ones(len(caps), np.float32))}
+    table = t2i_reward.prompt_reward_inputs(rset, CAPTIONS[:2], enc)
+    assert set(table) == {"hps_v2", "toy_text"} and table["hps_v2"].shape == (2, 8)
+    x = jnp.full((2, 16, 16, 3), 0.5)
+    total, parts = rset.total(rset.params, x, {"condition": None, rewards.REWARD_TEXT: table})
+    np.testing.assert_allclose(parts["toy_text"], [1.0, 1.5])
+    np.testing.assert_allclose(total, parts["hps_v2"] + 2.0 * parts["toy_text"], rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- MaskGen
 
 

@@ -48,8 +48,8 @@ class Reward:
     apply: Callable[[Any, jax.Array, Any], jax.Array]  # (params, images, condition) -> (B,)
     params: Any = None
     # Text-to-image rewards: host-side captions -> per-prompt inputs (pytree, leading axis N),
-    # computed once per prompt table; `apply` reads them as condition["reward_text"][name]
-    # (core/t2i_reward.py). None for rewards without a text side.
+    # computed once per prompt table; RewardSet.total hands `apply` its own entry
+    # condition["reward_text"][name] (see reward_condition). None: no text side of its own.
     encode_prompts: Callable[[list], Any] | None = None
 
 
@@ -92,6 +92,18 @@ def build_reward(name: str, **resources) -> Reward:
     return reward
 
 
+REWARD_TEXT = "reward_text"
+
+
+def reward_condition(condition, name: str):
+    """What reward `name` is given: text-to-image batches carry each reward's own per-prompt
+    inputs as condition["reward_text"][name] (CLIP text features, ImageReward's BERT ids and
+    mask, ...); every other condition (class ids, a bare tuple) goes to all rewards as is."""
+    if isinstance(condition, Mapping) and REWARD_TEXT in condition and name in condition[REWARD_TEXT]:
+        return condition[REWARD_TEXT][name]
+    return condition
+
+
 def _check_reward_output(name, value, batch):
     if value.shape != (batch,):
         raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward must return one "
@@ -125,8 +137,8 @@ class RewardSet:
         parts = {}
         total = jnp.zeros((images.shape[0],), jnp.float32)
         for r, w, p in zip(self.rewards, self.weights, params):
-            value = _check_reward_output(r.name, r.apply(p, images, condition).astype(jnp.float32),
-                                         images.shape[0])
+            value = _check_reward_output(r.name, r.apply(p, images, reward_condition(condition, r.name))
+                                         .astype(jnp.float32), images.shape[0])
             parts[r.name] = value
             total = total + w * value
         return total, parts

@@ -16,7 +16,8 @@ transformers' floor for PickScore — + CLIP mean/std) into the image tower. `pa
 only what the step needs — the image tower and the logit scale — as a frozen, non-donated
 jit argument. The text side is per prompt, so it is computed ONCE per prompt table on the
 host: `Reward.encode_prompts(captions) -> (N, E)` normalised text features, which travel
-with the text conditions as `condition["reward_text"][name]` (see `prompt_reward_inputs`).
+with the text conditions as `condition["reward_text"][name]` (see `prompt_reward_inputs`);
+`RewardSet.total` hands each reward its own entry.
 
 Resources a factory reads (passed to `build_reward_set(spec, **resources)`):
     t2i_reward_models = {"hps_v2": (CLIP module, params), "pickscore": (...), ...}
@@ -24,10 +25,11 @@ Resources a factory reads (passed to `build_reward_set(spec, **resources)`):
 Options per reward (config `{name: {"weight": w, ...}}`): `truncate_prompts` (default
 False: a prompt longer than the model's context is refused; the originals truncate).
 
-Other text-to-image rewards plug in the same way: register a factory that returns a
-`Reward` with `encode_prompts` (host side, per prompt, any pytree with leading axis N) and
-an `apply` that reads `condition["reward_text"][its name]` (ImageReward keeps BERT ids and
-masks there and runs its text encoder in the step, since it cross-attends to the image).
+Other text-to-image rewards plug in the same way: a registered `Reward` whose `apply` takes
+its per-prompt inputs as the condition, with `encode_prompts` (host side, captions -> any
+pytree with leading axis N) or an entry in `prompt_reward_inputs(..., encoders=)` (ImageReward
+keeps its BERT (input_ids, attention_mask) there and runs its text encoder in the step,
+since it cross-attends to the image).
 
 Reward fine-tuning (`T2IRewardRefiner`):
 
@@ -47,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.core.gan import make_refine_distiller
-from softdimo_jax.core.reward import Reward, register_reward
+from softdimo_jax.core.reward import Reward, register_reward, reward_condition
 from softdimo_jax.models.clip import CLIP, HFCLIPModel, clip_vision_tower, l2_normalize
 from softdimo_jax.models.image_preprocess import clip_preprocess
 from softdimo_jax.models.soft_embed import SoftEmbedder
@@ -55,7 +57,6 @@ from softdimo_jax.models.soft_embed import SoftEmbedder
 # reward name -> whether the score carries exp(logit_scale). The crop anchor follows the
 # checkpoint's origin: transformers' processor floors (PickScore), OpenCLIP's torchvision rounds.
 CLIP_REWARDS = {"clip_score": False, "hps_v2": False, "pickscore": True}
-REWARD_TEXT = "reward_text"  # the key of per-prompt reward inputs in a conditions batch
 
 
 # --------------------------------------------------------------------------- prompts
@@ -100,12 +101,20 @@ def clip_text_features(model: CLIP, params, ids, *, chunk: int = 64) -> np.ndarr
     return np.concatenate(out).astype(np.float32)
 
 
-def prompt_reward_inputs(reward_set, captions: Sequence[str]) -> dict:
+def prompt_reward_inputs(reward_set, captions: Sequence[str], encoders: Mapping[str, Any] | None = None) -> dict:
     """{reward name: per-prompt inputs (leading axis N)} for every reward of `reward_set`
-    that has a text side: computed once per prompt table and then indexed with the text
-    conditions (the `reward_text` entry of a conditions batch)."""
+    with a text side — its own `encode_prompts`, else `encoders[name](captions)` (e.g.
+    ImageReward's BERT tokenizer: captions -> (input_ids, attention_mask)): computed once per
+    prompt table, then indexed with the text conditions (the `reward_text` entry of a
+    conditions batch; `RewardSet.total` hands each reward its own entry)."""
     captions = list(captions)
-    return {r.name: r.encode_prompts(captions) for r in reward_set.rewards if r.encode_prompts is not None}
+    encoders = dict(encoders or {})
+    out = {}
+    for r in reward_set.rewards:
+        fn = r.encode_prompts or encoders.get(r.name)
+        if fn is not None:
+            out[r.name] = jax.tree.map(np.asarray, fn(captions))
+    return out
 
 
 # --------------------------------------------------------------------------- CLIP rewards
@@ -136,7 +145,7 @@ def _clip_reward(name: str, *, t2i_reward_models: Mapping[str, Any] | None = Non
     frozen = {"visual": params["visual"], "logit_scale": params["logit_scale"]}
 
     def apply(p, images, condition):
-        txt = condition[REWARD_TEXT][name]
+        txt = reward_condition(condition, name)  # (B, E) normalised text features
         cos = jnp.sum(l2_normalize(image_features(model, p["visual"], images, crop=crop)) * txt, axis=-1)
         return jnp.exp(p["logit_scale"]) * cos if scaled else cos
 

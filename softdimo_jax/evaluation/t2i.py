@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from softdimo_jax.core import reward as rewards
-from softdimo_jax.core.t2i_reward import REWARD_TEXT, prompt_reward_inputs
+from softdimo_jax.core.reward import REWARD_TEXT
+from softdimo_jax.core.t2i_reward import prompt_reward_inputs
 from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.evaluation.fid import to_uint8
 from softdimo_jax.runtime import mesh as meshlib
@@ -77,8 +78,11 @@ def reward_set_from_checkpoints(checkpoints: Mapping[str, str], weights: Mapping
     if not weights:
         raise ValueError("no rewards chosen — name at least one, e.g. hps_v2=1.0")
     models = {name: load_converted(path) for name, path in checkpoints.items() if path}
+    # Each model also as `<name>_model` / `<name>_params`, the resources other factories read
+    # (image_reward: image_reward_model, image_reward_params).
+    named = {f"{n}_{part}": x for n, mp in models.items() for part, x in zip(("model", "params"), mp)}
     return rewards.build_reward_set(weights, t2i_reward_models=models,
-                                    prompt_tokenizer=ClipBPETokenizer(bpe_merges or None), **resources)
+                                    prompt_tokenizer=ClipBPETokenizer(bpe_merges or None), **{**named, **resources})
 
 
 # --------------------------------------------------------------------------- GenEval folders
@@ -145,17 +149,19 @@ def generate_geneval_folder(sample_fn: Callable[[list[str], Any], Any], metadata
 # --------------------------------------------------------------------------- scoring
 
 
-def score_images(reward_set, images, captions: Sequence[str], *, batch_size: int = 8, mesh=None) -> dict:
+def score_images(reward_set, images, captions: Sequence[str], *, batch_size: int = 8, mesh=None,
+                 encoders: Mapping[str, Any] | None = None) -> dict:
     """Per-image rewards of `images` ((N, H, W, 3), uint8 or float in [0, 1]) against
     `captions` (N,) -> {name: (N,) float64 numpy, "total": Σ λ_i R_i}. Batches are padded
-    to `batch_size` (one compile); with `mesh` they are sharded over it."""
+    to `batch_size` (one compile); with `mesh` they are sharded over it. `encoders`: prompt
+    encoders of rewards without their own (see core.t2i_reward.prompt_reward_inputs)."""
     images = np.asarray(images)
     captions = list(captions)
     if images.ndim != 4 or images.shape[0] != len(captions):
         raise ValueError(f"need (N, H, W, 3) images with one caption each; got {images.shape} and {len(captions)} captions")
     uniq = sorted(set(captions))
     index = {c: i for i, c in enumerate(uniq)}
-    table = prompt_reward_inputs(reward_set, uniq)  # each distinct caption encoded once
+    table = prompt_reward_inputs(reward_set, uniq, encoders)  # each distinct caption encoded once
     rows = np.asarray([index[c] for c in captions])
     if mesh is not None:
         batch_size += (-batch_size) % mesh.size
@@ -183,7 +189,8 @@ def score_images(reward_set, images, captions: Sequence[str], *, batch_size: int
     return out
 
 
-def score_geneval_folder(folder: str, reward_set, *, batch_size: int = 8, mesh=None) -> dict:
+def score_geneval_folder(folder: str, reward_set, *, batch_size: int = 8, mesh=None,
+                         encoders: Mapping[str, Any] | None = None) -> dict:
     """Scores every sample of a GenEval folder against its prompt -> {"mean": {name: x},
     "per_prompt": [{"prompt", name: mean over its samples, ...}], "num_images": N}."""
     items = read_geneval_folder(folder)
@@ -193,12 +200,14 @@ def score_geneval_folder(folder: str, reward_set, *, batch_size: int = 8, mesh=N
     if not captions:
         raise ValueError(f"{folder!r} holds no sample images")
     if len(shapes) == 1:
-        scores = score_images(reward_set, np.concatenate(images), captions, batch_size=batch_size, mesh=mesh)
+        scores = score_images(reward_set, np.concatenate(images), captions, batch_size=batch_size, mesh=mesh,
+                              encoders=encoders)
     else:  # mixed sizes: one call per size
         scores = {}
         for meta, imgs in items:
             if len(imgs):
-                s = score_images(reward_set, imgs, [meta["prompt"]] * len(imgs), batch_size=batch_size, mesh=mesh)
+                s = score_images(reward_set, imgs, [meta["prompt"]] * len(imgs), batch_size=batch_size, mesh=mesh,
+                                 encoders=encoders)
                 for k, v in s.items():
                     scores.setdefault(k, []).append(v)
         scores = {k: np.concatenate(v) for k, v in scores.items()}

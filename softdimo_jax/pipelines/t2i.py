@@ -35,6 +35,12 @@ from softdimo_jax.runtime.artifacts import log, to_jsonable
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
 
+# Prompt encoders of rewards that have none of their own: reward name -> fn(config) ->
+# encoder(captions) -> per-prompt inputs (leading axis N). ImageReward's entry wraps its
+# BERT WordPiece tokenizer (captions -> (input_ids, attention_mask)).
+PROMPT_ENCODERS: dict = {}
+
+
 def load_t2i_rewards(spec, config):
     """The RewardSet of `spec` ({name: weight}) with its converted models from
     config.reward_checkpoints and the CLIP BPE tokenizer for prompts."""
@@ -50,7 +56,8 @@ def reward_prompt_table(config, rset):
     table = prompts.load_prompt_conditions(
         config.get("prompt_file", ""), clip, clip_params, bpe, null_prompt=config.get("null_prompt", ""),
         chunk=int(config.get("prompt_encode_chunk", 64)), text_guidance=True)
-    return table.with_extra(reward_text=prompt_reward_inputs(rset, table.captions))
+    encoders = {r.name: PROMPT_ENCODERS[r.name](config) for r in rset.rewards if r.name in PROMPT_ENCODERS}
+    return table.with_extra(reward_text=prompt_reward_inputs(rset, table.captions, encoders))
 
 
 def t2i_reward(config, workdir: str) -> None:
