@@ -14,7 +14,7 @@ The CFG branch of the teacher uses `null_prompt`'s encoding: by default the nega
 of Di[M]O's Meissonic run (`distil_neg_prompt`: "teacher has much better performance with
 negative prompt"); `--config.null_prompt=""` gives MaskGen's own null condition (the empty
 caption). The auxiliary runs conditional only (the reference's fake_cfg_eval = 1).
-The BPE merges come from `bpe_merges`, else $SOFTDIMO_CLIP_BPE, else the open_clip package.
+The BPE merges come from `bpe_merges`, else $SOFTDIMO_CLIP_BPE, else the package's own copy.
 
 Hyperparameters: Di[M]O's Meissonic values (SPEC §1.1, DIMO_Meissonic.yaml): r_init 0.5,
 σ 0.3, lr 1e-6 for generator and auxiliary, Adam(0.9, 0.999), 100 warm-up steps, clip 1.0,
@@ -45,7 +45,7 @@ def get_config(devices: str = "8") -> ml_collections.ConfigDict:
     c.teacher_checkpoint = ""  # converted maskgen_vq_l.bin
     c.text_encoder_checkpoint = ""  # converted OpenCLIP ViT-L-14-336 text tower (clip_text)
     c.tokenizer_checkpoint = ""  # converted TA-TiTok (for the sample grid); optional
-    c.bpe_merges = ""  # bpe_simple_vocab_16e6.txt.gz; "" = $SOFTDIMO_CLIP_BPE or open_clip's
+    c.bpe_merges = ""  # bpe_simple_vocab_16e6.txt.gz; "" = $SOFTDIMO_CLIP_BPE or the packaged copy
     c.prompt_file = ""  # one caption per line
     # The CFG branch's caption: Di[M]O's negative prompt; "" = MaskGen's null condition.
     c.null_prompt = NEGATIVE_PROMPT

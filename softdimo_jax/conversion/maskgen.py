@@ -139,8 +139,9 @@ def convert_maskgen_vq(sd: Mapping[str, np.ndarray], model: MaskGenVQ, *, name: 
 # Transformer blocks shared by the OpenCLIP text tower and the TA-TiTok ViTs
 
 
-def _resblock(s: StrictStateDict, pre: str, w: int, mlp_ratio: float = 4.0) -> dict:
-    h = int(w * mlp_ratio)
+def openclip_resblock_params(s: StrictStateDict, pre: str, w: int, mlp_ratio: float = 4.0) -> dict:
+    """One open_clip `ResidualAttentionBlock` (packed in_proj) -> its Flax params."""
+    h = int(round(w * mlp_ratio))
     return {
         "ln_1": _norm(s, pre + "ln_1", w),
         "attn": {
@@ -178,6 +179,16 @@ def convert_clip_text(
     the StrictStateDict's `ignored`), `logit_scale` is skipped. `strip_prefixes` removes a
     wrapper prefix (e.g. "text." for CustomTextCLIP exports, "module.")."""
     s = StrictStateDict(sd, name=name, ignore_prefixes=ignore_prefixes, strip_prefixes=strip_prefixes)
+    p = openclip_text_params(s, model)
+    s.skip("logit_scale", "attn_mask", "logit_bias")
+    s.finish()
+    check_params_match(p, clip_text_expected_params(model), name=name)
+    return p
+
+
+def openclip_text_params(s: StrictStateDict, model) -> dict:
+    """The text-tower keys of an OpenCLIP `CLIP` state dict (top level: `token_embedding`,
+    `positional_embedding`, `transformer.resblocks.*`, `ln_final`, `text_projection`)."""
     w = model.width
     p: dict[str, Any] = {
         "token_embedding": {"embedding": _take(s, "token_embedding.weight", (model.vocab_size, w))},
@@ -186,10 +197,7 @@ def convert_clip_text(
         "text_projection": _take(s, "text_projection", (w, model.embed_dim)),
     }
     for i in range(model.layers):
-        p[f"resblocks_{i}"] = _resblock(s, f"transformer.resblocks.{i}.", w)
-    s.skip("logit_scale", "attn_mask", "logit_bias")
-    s.finish()
-    check_params_match(p, clip_text_expected_params(model), name=name)
+        p[f"resblocks_{i}"] = openclip_resblock_params(s, f"transformer.resblocks.{i}.", w, model.mlp_ratio)
     return p
 
 
@@ -228,7 +236,7 @@ def convert_tatitok(sd: Mapping[str, np.ndarray], model, *, name: str = "tatitok
         },
     }
     for i in range(model.enc_layers):
-        enc[f"transformer_{i}"] = _resblock(s, f"encoder.transformer.{i}.", ew)
+        enc[f"transformer_{i}"] = openclip_resblock_params(s, f"encoder.transformer.{i}.", ew)
     dec = {
         "decoder_embed": _dense(s, "decoder.decoder_embed", C, dw),
         "class_embedding": _take(s, "decoder.class_embedding", (1, dw)),
@@ -248,7 +256,7 @@ def convert_tatitok(sd: Mapping[str, np.ndarray], model, *, name: str = "tatitok
         "conv_out": _conv(s, "decoder.conv_out", 3, 3, 3),
     }
     for i in range(model.dec_layers):
-        dec[f"transformer_{i}"] = _resblock(s, f"decoder.transformer.{i}.", dw)
+        dec[f"transformer_{i}"] = openclip_resblock_params(s, f"decoder.transformer.{i}.", dw)
     p = {
         "latent_tokens": _take(s, "latent_tokens", (L, ew)),
         "encoder": enc,

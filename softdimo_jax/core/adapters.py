@@ -238,8 +238,8 @@ class MaskGenAdapter:
 
     def draw_labels(self, rng, batch: int, conditions):
         """The batch's text conditions: the rows of `conditions` ({"condition": (N, T, W),
-        "pooled": (N, 1, E)}), as they are when N == batch, else `batch` rows drawn
-        uniformly (the rng)."""
+        "pooled": (N, 1, E)}, plus any other per-row entries), as they are when N == batch,
+        else `batch` rows drawn uniformly (the rng)."""
         if conditions is None:
             raise ValueError(
                 "MaskGen distillation needs text conditions: pass the step a conditions batch "
@@ -249,7 +249,9 @@ class MaskGenAdapter:
         if missing:
             raise ValueError(f"conditions batch lacks {sorted(missing)}; it needs 'condition' and 'pooled'")
         n = conditions["condition"].shape[0]
-        picked = {"condition": conditions["condition"], "pooled": conditions["pooled"].reshape(n, 1, -1)}
+        # Other per-row entries (TA-TiTok's text_guidance, reward_text for text-to-image
+        # rewards) ride along with their rows.
+        picked = {**conditions, "condition": conditions["condition"], "pooled": conditions["pooled"].reshape(n, 1, -1)}
         if n == batch:
             return picked
         idx = jax.random.randint(rng, (batch,), 0, n)

@@ -32,6 +32,7 @@ like the GAN term.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -47,9 +48,21 @@ class Reward:
     name: str
     apply: Callable[[Any, jax.Array, Any], jax.Array]  # (params, images, condition) -> (B,)
     params: Any = None
+    # Text-to-image rewards: host-side captions -> per-prompt inputs (pytree, leading axis N),
+    # computed once per prompt table; RewardSet.total hands `apply` its own entry
+    # condition["reward_text"][name] (see reward_condition). None: no text side of its own.
+    encode_prompts: Callable[[list], Any] | None = None
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+# Rewards registered by modules loaded on first use (their model code stays out of every
+# import of the registry): name -> the module whose import registers it.
+LAZY_REWARDS: dict[str, str] = {
+    "clip_score": "softdimo_jax.core.t2i_reward",
+    "hps_v2": "softdimo_jax.core.t2i_reward",
+    "pickscore": "softdimo_jax.core.t2i_reward",
+}
 
 
 def register_reward(name: str):
@@ -65,10 +78,12 @@ def register_reward(name: str):
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(LAZY_REWARDS))
 
 
 def build_reward(name: str, **resources) -> Reward:
+    if name not in _REGISTRY and name in LAZY_REWARDS:
+        importlib.import_module(LAZY_REWARDS[name])
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; registered: {available_rewards()} "
                        "(add one with @register_reward)")
@@ -76,6 +91,18 @@ def build_reward(name: str, **resources) -> Reward:
     if not isinstance(reward, Reward):
         raise TypeError(f"reward factory {name!r} returned {type(reward).__name__}, expected Reward")
     return reward
+
+
+REWARD_TEXT = "reward_text"
+
+
+def reward_condition(condition, name: str):
+    """What reward `name` is given: text-to-image batches carry each reward's own per-prompt
+    inputs as condition["reward_text"][name] (CLIP text features, ImageReward's BERT ids and
+    mask, ...); every other condition (class ids, a bare tuple) goes to all rewards as is."""
+    if isinstance(condition, Mapping) and REWARD_TEXT in condition and name in condition[REWARD_TEXT]:
+        return condition[REWARD_TEXT][name]
+    return condition
 
 
 def _check_reward_output(name, value, batch):
@@ -111,8 +138,8 @@ class RewardSet:
         parts = {}
         total = jnp.zeros((images.shape[0],), jnp.float32)
         for r, w, p in zip(self.rewards, self.weights, params):
-            value = _check_reward_output(r.name, r.apply(p, images, condition).astype(jnp.float32),
-                                         images.shape[0])
+            value = _check_reward_output(r.name, r.apply(p, images, reward_condition(condition, r.name))
+                                         .astype(jnp.float32), images.shape[0])
             parts[r.name] = value
             total = total + w * value
         return total, parts

@@ -1,9 +1,9 @@
 """The CLIP byte-pair-encoding tokenizer (as open_clip's `SimpleTokenizer`), pure Python.
 
-The merges come from a file the user supplies (`bpe_simple_vocab_16e6.txt.gz`, shipped
-inside the open_clip wheel; MIT licence). Nothing is downloaded. Lookup order for the file:
-the `merges_path` argument, the SOFTDIMO_CLIP_BPE environment variable, then open_clip's
-packaged copy when open_clip is installed.
+The merges (`bpe_simple_vocab_16e6.txt.gz`, MIT licence, as shipped inside the open_clip
+wheel) are package data of softdimo_jax, so tokenizing never needs a path. Nothing is
+downloaded. Lookup order for the file: the `merges_path` argument, the SOFTDIMO_CLIP_BPE
+environment variable, then our packaged copy.
 
 Pipeline (as the original): clean text (ftfy-style fixes, HTML unescape twice, collapse
 whitespace, strip, lowercase) -> split into pre-tokens with CLIP's pattern (special tokens,
@@ -38,19 +38,15 @@ _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _NUM_MERGES = 49152 - 256 - 2
 
 
+PACKAGED_MERGES = "bpe_simple_vocab_16e6.txt.gz"  # package data next to this module
+
+
 def default_merges_path() -> str | None:
     env = os.environ.get("SOFTDIMO_CLIP_BPE")
     if env:
         return env
-    try:
-        import importlib.resources as res
-
-        p = res.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
-        if p.is_file():
-            return str(p)
-    except Exception:  # open_clip not installed
-        pass
-    return None
+    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), PACKAGED_MERGES)
+    return packaged if os.path.isfile(packaged) else None
 
 
 def byte_symbols() -> dict[int, str]:
@@ -152,7 +148,7 @@ class ClipBPETokenizer:
         if path is None:
             raise FileNotFoundError(
                 "no CLIP BPE merges file: pass merges_path=.../bpe_simple_vocab_16e6.txt.gz "
-                "(shipped in the open_clip wheel) or set SOFTDIMO_CLIP_BPE"
+                "or set SOFTDIMO_CLIP_BPE (the package's own copy is missing: reinstall softdimo_jax)"
             )
         if not os.path.exists(path):
             raise FileNotFoundError(f"CLIP BPE merges file not found: {path!r}")

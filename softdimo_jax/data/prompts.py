@@ -69,12 +69,25 @@ class PromptConditions:
     pooled: np.ndarray  # (N, 1, E)
     null_condition: np.ndarray  # (1, T, W)
     null_pooled: np.ndarray  # (1, 1, E)
+    # Other per-caption entries (leading axis N) that travel with the rows: TA-TiTok's
+    # `text_guidance` (B, T, W), text-to-image rewards' `reward_text` {name: pytree}.
+    extra: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.condition.shape[0]
 
     def rows(self, idx) -> dict:
-        return {"condition": self.condition[idx], "pooled": self.pooled[idx]}
+        out = {"condition": self.condition[idx], "pooled": self.pooled[idx]}
+        out.update(jax.tree.map(lambda x: x[idx], self.extra))
+        return out
+
+    def with_extra(self, **entries) -> "PromptConditions":
+        """A copy with more per-caption entries (each leaf's leading axis = len(self))."""
+        for name, tree in entries.items():
+            bad = [np.shape(x) for x in jax.tree.leaves(tree) if np.shape(x)[:1] != (len(self),)]
+            if bad:
+                raise ValueError(f"prompt-table entry {name!r} needs {len(self)} rows (one per caption), got shapes {bad}")
+        return dataclasses.replace(self, extra={**self.extra, **entries})
 
     def batch_fn(self, global_batch: int, seed: int = 0, process_index: int | None = None,
                  process_count: int | None = None) -> Callable[[int], dict]:
@@ -97,13 +110,15 @@ class PromptConditions:
 @functools.partial(jax.jit, static_argnames=("clip_model",))
 def _encode(clip_model, clip_params, ids):
     out = clip_model.apply({"params": clip_params}, ids)
-    return out.penultimate, out.pooled
+    return out.penultimate, out.pooled, out.text_guidance
 
 
 def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[str], *,
-                        null_prompt: str = "", chunk: int = 64) -> PromptConditions:
+                        null_prompt: str = "", chunk: int = 64, text_guidance: bool = False) -> PromptConditions:
     """Encodes `captions` (and `null_prompt`) once with the text tower, in fixed-size chunks
-    (the last one padded) so one compiled forward serves every chunk.
+    (the last one padded) so one compiled forward serves every chunk. `text_guidance`: also
+    keep the final-LN tokens (TA-TiTok's decoder input, for decoding during training) as
+    the table's `extra["text_guidance"]`.
 
     tokenizer: anything with `tokenize(list[str]) -> (n, context_length) int ids`
     (softdimo_jax.data.clip_bpe.ClipBPETokenizer)."""
@@ -111,22 +126,27 @@ def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[s
     if not captions:
         raise ValueError("no captions to encode")
     texts = captions + [null_prompt]
-    conds, pooled = [], []
+    conds, pooled, guide = [], [], []
     for i in range(0, len(texts), chunk):
         part = texts[i : i + chunk]
         ids = np.asarray(tokenizer.tokenize(part + [""] * (chunk - len(part))), np.int32)
-        c, p = _encode(clip_model, clip_params, jnp.asarray(ids))
+        c, p, g = _encode(clip_model, clip_params, jnp.asarray(ids))
         conds.append(np.asarray(c, np.float32)[: len(part)])
         pooled.append(np.asarray(p, np.float32)[: len(part)])
+        if text_guidance:
+            guide.append(np.asarray(g, np.float32)[: len(part)])
     cond, pool = np.concatenate(conds), np.concatenate(pooled)
-    return PromptConditions(captions, cond[:-1], pool[:-1], cond[-1:], pool[-1:])
+    extra = {"text_guidance": np.concatenate(guide)[:-1]} if text_guidance else {}
+    return PromptConditions(captions, cond[:-1], pool[:-1], cond[-1:], pool[-1:], extra)
 
 
 def load_prompt_conditions(path: str, clip_model, clip_params, tokenizer, *, null_prompt: str = "",
-                           chunk: int = 64, index: int | None = None, count: int | None = None) -> PromptConditions:
+                           chunk: int = 64, index: int | None = None, count: int | None = None,
+                           text_guidance: bool = False) -> PromptConditions:
     """read_prompts + shard_prompts (this host's share) + encode_prompt_table."""
     mine = shard_prompts(read_prompts(path), index, count)
-    return encode_prompt_table(clip_model, clip_params, tokenizer, mine, null_prompt=null_prompt, chunk=chunk)
+    return encode_prompt_table(clip_model, clip_params, tokenizer, mine, null_prompt=null_prompt, chunk=chunk,
+                               text_guidance=text_guidance)
 
 
 def null_conditions_kwargs(table: PromptConditions) -> dict[str, Any]:

@@ -53,7 +53,9 @@ class MultiheadSelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None):
+        """key_mask: optional (B, n) bool/int, false/0 at keys no query may attend to (HF
+        CLIP's padding mask; only padded positions' outputs change, as position 0 always stays)."""
         if self.dim % self.heads:
             raise ValueError(f"width {self.dim} is not divisible by heads {self.heads}")
         b, n, _ = x.shape
@@ -64,6 +66,8 @@ class MultiheadSelfAttention(nn.Module):
         if self.causal:
             allowed = jnp.tril(jnp.ones((n, n), bool))
             logits = jnp.where(allowed, logits, -jnp.inf)
+        if key_mask is not None:
+            logits = jnp.where(jnp.asarray(key_mask, bool)[:, None, None, :], logits, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.dim)
         return nn.Dense(self.dim, dtype=self.dtype, name="out_proj")(out)
@@ -81,11 +85,11 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None):
         h = layer_norm("ln_1", self.ln_eps, self.dtype)(x)
-        x = x + MultiheadSelfAttention(self.dim, self.heads, self.causal, self.dtype, name="attn")(h)
+        x = x + MultiheadSelfAttention(self.dim, self.heads, self.causal, self.dtype, name="attn")(h, key_mask)
         h = layer_norm("ln_2", self.ln_eps, self.dtype)(x)
-        h = nn.Dense(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="c_fc")(h)
+        h = nn.Dense(int(round(self.dim * self.mlp_ratio)), dtype=self.dtype, name="c_fc")(h)
         h = nn.Dense(self.dim, dtype=self.dtype, name="c_proj")(_act(self.act)(h))
         return x + h
 
@@ -114,6 +118,10 @@ class ClipTextTransformer(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = jnp.float32
     remat: bool = False
+    # HF CLIPTextModel options: MLP width / model width (intermediate_size / hidden_size),
+    # and ids shorter than the context (positions arange(T); OpenCLIP always pads to full length).
+    mlp_ratio: float = 4.0
+    variable_length: bool = False
 
     def setup(self):
         if self.pool_type not in _POOL_TYPES:
@@ -127,7 +135,7 @@ class ClipTextTransformer(nn.Module):
         block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         act = "quick_gelu" if self.quick_gelu else "gelu"
         self.resblocks = [
-            block(self.width, self.heads, 4.0, act, True, self.ln_eps, self.dtype, name=f"resblocks_{i}")
+            block(self.width, self.heads, self.mlp_ratio, act, True, self.ln_eps, self.dtype, name=f"resblocks_{i}")
             for i in range(self.layers)
         ]
         self.ln_final = layer_norm("ln_final", self.ln_eps, self.dtype)
@@ -135,15 +143,22 @@ class ClipTextTransformer(nn.Module):
             "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim)
         )
 
-    def __call__(self, ids) -> ClipTextOutput:
+    def __call__(self, ids, attention_mask=None) -> ClipTextOutput:
+        """ids (B, T) with T = context_length (T ≤ context_length when variable_length);
+        attention_mask: optional (B, T), 1 up to and including the end token (HF's padding
+        mask on top of the causal one; it changes only the padded positions' outputs)."""
         ids = jnp.asarray(ids, jnp.int32)
-        if ids.ndim != 2 or ids.shape[1] != self.context_length:
-            raise ValueError(f"ids must be (B, {self.context_length}) token ids, got shape {ids.shape}")
-        x = (self.token_embedding(ids) + self.positional_embedding).astype(self.dtype)
+        t = ids.shape[-1] if ids.ndim == 2 else -1
+        if ids.ndim != 2 or not (t == self.context_length or (self.variable_length and 0 < t <= self.context_length)):
+            raise ValueError(
+                f"ids must be (B, {self.context_length}) token ids, got shape {ids.shape}"
+                " — tokenize with the model's context length"
+            )
+        x = (self.token_embedding(ids) + self.positional_embedding[:t]).astype(self.dtype)
         for blk in self.resblocks[:-1]:
-            x = blk(x)
+            x = blk(x, attention_mask)
         penultimate = x
-        x = self.ln_final(self.resblocks[-1](x))
+        x = self.ln_final(self.resblocks[-1](x, attention_mask))
         b = ids.shape[0]
         if self.pool_type == "argmax":
             pos = jnp.argmax(ids, axis=-1)
@@ -152,7 +167,7 @@ class ClipTextTransformer(nn.Module):
         elif self.pool_type == "first":
             pos = jnp.zeros((b,), jnp.int32)
         else:
-            pos = jnp.full((b,), self.context_length - 1, jnp.int32)
+            pos = jnp.full((b,), t - 1, jnp.int32)
         pooled = x[jnp.arange(b), pos]
         pooled = jnp.einsum("bw,we->be", pooled, self.text_projection.astype(self.dtype))
         return ClipTextOutput(
@@ -188,6 +203,7 @@ def clip_text_from_cfg(cfg: Mapping[str, Any], **overrides) -> ClipTextTransform
         pool_type=str(_get(cfg, "text_pool_type", "argmax")),
         eos_id=int(_get(cfg, "eot_id", 49407)),
         ln_eps=float(_get(cfg, "layer_norm_eps", 1e-5)),
+        mlp_ratio=float(_get(cfg, "mlp_ratio", 4.0)),
     )
     kwargs.update(overrides)
     return ClipTextTransformer(**kwargs)

@@ -163,6 +163,21 @@ FAMILIES: dict[str, Family] = {
         folder="softdimo_jax.conversion.meissonic:vq_folder",
         help="Meissonic VQ model (the vqvae/ folder: config.json + diffusion_pytorch_model.*)",
     ),
+    "openclip": Family(
+        module="softdimo_jax.models.clip:CLIP",
+        converter="softdimo_jax.conversion.clip:convert_openclip",
+        defaults="softdimo_jax.conversion.clip:openclip_defaults",
+        expected="softdimo_jax.models.clip:clip_expected_params",
+        help="OpenCLIP CLIP reward model: HPS v2/v2.1 ViT-H-14 (default sizes; HPS_v2*.pt) or CLIP score"
+        " ViT-L-14 (open_clip_pytorch_model.bin/.safetensors, with the ViT-L-14 --set in the README)",
+    ),
+    "hfclip": Family(
+        module="softdimo_jax.models.clip:HFCLIPModel",
+        converter="softdimo_jax.conversion.clip:convert_hfclip",
+        defaults="softdimo_jax.conversion.clip:hfclip_defaults",
+        expected="softdimo_jax.models.clip:clip_expected_params",
+        help="transformers CLIPModel: PickScore_v1 CLIP-H (model.safetensors)",
+    ),
 }
 
 
