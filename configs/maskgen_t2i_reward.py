@@ -15,7 +15,8 @@ TA-TiTok decoder; the images enter each reward through its differentiable prepro
 (no uint8 rounding). `reward.rewards` = {name: λ}; a weight of 0 leaves a reward out, and
 every weight is 0 by default (the run refuses to start until one is set with its
 checkpoint). Rewards: clip_score (OpenCLIP ViT-L-14), hps_v2 (HPS v2/v2.1 ViT-H-14),
-pickscore (HF CLIP-H), image_reward once registered. Per-reward option:
+pickscore (HF CLIP-H), image_reward (ImageReward v1.0, `--model blip`; its prompts go
+through BERT WordPiece: set `bert_vocab` to bert-base-uncased's vocab.txt). Per-reward option:
 `{"weight": w, "truncate_prompts": True}` cuts captions longer than the reward's context
 (refused by default).
 
@@ -34,7 +35,7 @@ import ml_collections
 
 from softdimo_jax.core.defaults import default_reward_config, default_tteo_config
 
-REWARDS = ("clip_score", "hps_v2", "pickscore")
+REWARDS = ("clip_score", "hps_v2", "pickscore", "image_reward")
 
 
 def _load_config(name: str, preset: str):
@@ -51,6 +52,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.pipeline = "t2i_reward"
     # Converted reward models (python -m softdimo_jax.convert --model openclip / hfclip).
     c.reward_checkpoints = ml_collections.ConfigDict({name: "" for name in REWARDS})
+    # ImageReward's tokenizer: bert-base-uncased's vocab.txt (or SOFTDIMO_BERT_VOCAB).
+    c.bert_vocab = ""
     r = default_reward_config()
     r.num_steps = 5_000
     r.batch_size = c.distill.batch_size  # GLOBAL

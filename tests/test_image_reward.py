@@ -233,3 +233,22 @@ def test_image_reward_on_the_8_device_mesh():
     got = f(model, p, *shard_batch((images, ids, mask), mesh))
     assert got.sharding.spec[0] is not None  # the rewards stay sharded over the batch
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_t2i_pipeline_encodes_image_reward_prompts_with_wordpiece(tmp_path, monkeypatch):
+    """The text-to-image reward pipeline gives ImageReward (ids, mask) per caption from
+    config.bert_vocab, and without a vocab file refuses with the setting to fix."""
+    import ml_collections
+
+    from softdimo_jax.pipelines.t2i import PROMPT_ENCODERS
+    from softdimo_jax.runtime.errors import BadInput
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat"]) + "\n")
+    encode = PROMPT_ENCODERS["image_reward"](ml_collections.ConfigDict({"bert_vocab": str(vocab)}))
+    ids, mask = encode(["a red cat", "a cat"])
+    assert ids.shape == mask.shape == (2, 35)
+    assert mask.sum(1).tolist() == [5, 4] and ids[0, :5].tolist() == [2, 5, 6, 7, 3]
+    monkeypatch.delenv("SOFTDIMO_BERT_VOCAB", raising=False)
+    with pytest.raises(BadInput, match="vocab"):
+        PROMPT_ENCODERS["image_reward"](ml_collections.ConfigDict({"bert_vocab": ""}))

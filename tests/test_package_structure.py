@@ -12,7 +12,8 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "softdimo_jax"
 # What each part may import from softdimo_jax (prefixes of module names).
 ALLOWED = {
     "softdimo_jax.models": ("softdimo_jax.models",),
-    "softdimo_jax.core": ("softdimo_jax.models", "softdimo_jax.core", "softdimo_jax.runtime.mesh"),
+    "softdimo_jax.core": ("softdimo_jax.models", "softdimo_jax.core", "softdimo_jax.runtime.mesh",
+                          "softdimo_jax.runtime.errors"),
     "softdimo_jax.runtime": ("softdimo_jax.runtime", "softdimo_jax.conversion.state_dict"),
 }
 

@@ -29,9 +29,10 @@ import numpy as np
 
 from softdimo_jax.models.blip import ImageReward, image_reward_expected_params
 from softdimo_jax.models.image_preprocess import clip_preprocess
+from softdimo_jax.runtime.errors import BadInput
 
 
-class ImageRewardInputError(ValueError):
+class ImageRewardInputError(BadInput):
     """The reward was given another model or checkpoint than ImageReward's."""
 
 

@@ -26,6 +26,7 @@ from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller, generator_params
 from softdimo_jax.core.t2i_reward import T2IRewardRefiner, prompt_reward_inputs
 from softdimo_jax.data import prompts
+from softdimo_jax.data.wordpiece import WordPieceTokenizer
 from softdimo_jax.evaluation.t2i import reward_set_from_checkpoints
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.tatitok import TATiTok
@@ -35,10 +36,16 @@ from softdimo_jax.runtime.artifacts import log, to_jsonable
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
 
-# Prompt encoders of rewards that have none of their own: reward name -> fn(config) ->
-# encoder(captions) -> per-prompt inputs (leading axis N). ImageReward's entry wraps its
-# BERT WordPiece tokenizer (captions -> (input_ids, attention_mask)).
-PROMPT_ENCODERS: dict = {}
+def image_reward_prompts(config):
+    """ImageReward reads its prompts through BERT WordPiece (config.bert_vocab or
+    SOFTDIMO_BERT_VOCAB): captions -> (input_ids, attention_mask), each (N, 35)."""
+    tokenizer = WordPieceTokenizer(config.get("bert_vocab") or None)
+    return lambda captions: tokenizer(list(captions))
+
+
+# Prompt encoders of rewards whose text side is not CLIP BPE: reward name -> fn(config) ->
+# encoder(captions) -> per-prompt inputs (leading axis N).
+PROMPT_ENCODERS: dict = {"image_reward": image_reward_prompts}
 
 
 def load_t2i_rewards(spec, config):
