@@ -13,9 +13,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from softdimo_jax.conversion.torch_pickle import load_torch_file
+from softdimo_jax.runtime.errors import BadInput
 
 
-class ConversionError(ValueError):
+class ConversionError(BadInput):
     """A checkpoint does not fit the model it is converted into."""
 
 
@@ -96,7 +97,9 @@ class StrictStateDict:
     `take(key, shape)` returns the array (as float32 unless `dtype` says otherwise) and
     records a missing key or a shape mismatch instead of raising, so that `finish()` can
     report every problem at once. `aliases` maps legacy names to current ones
-    (e.g. MaskBit's `token_emb.` -> `input_proj.`). `ignore_prefixes` names keys that are
+    (e.g. MaskBit's `token_emb.` -> `input_proj.`); two source keys that land on one name
+    (a key and its legacy alias, a wrapped `module.x` and a plain `x`) are an error naming
+    both, never one silently overwriting the other. `ignore_prefixes` names keys that are
     known not to belong to the model (Lightning's `loss.`); they are reported in
     `self.ignored` and never count as unexpected.
     """
@@ -112,6 +115,8 @@ class StrictStateDict:
         self.name = name
         self._sd: dict[str, np.ndarray] = {}
         self.ignored: list[str] = []
+        self.duplicates: list[str] = []
+        origin: dict[str, str] = {}
         ignore_prefixes = tuple(ignore_prefixes)
         for key, value in sd.items():
             new = key
@@ -124,6 +129,10 @@ class StrictStateDict:
             if ignore_prefixes and new.startswith(ignore_prefixes):
                 self.ignored.append(key)
                 continue
+            if new in origin:
+                self.duplicates.append(f"{origin[new]} and {key} both map to {new}")
+                continue
+            origin[new] = key
             self._sd[new] = np.asarray(value)
         self._used: set[str] = set()
         self.missing: list[str] = []
@@ -178,12 +187,13 @@ class StrictStateDict:
         return sorted(k for k in self._sd if k not in self._used)
 
     def finish(self) -> None:
-        """Raises ConversionError listing every missing / unexpected / misshapen key."""
+        """Raises ConversionError listing every duplicate / missing / unexpected / misshapen key."""
         unexpected = self.unexpected
-        if not (self.missing or unexpected or self.misshapen):
+        if not (self.missing or unexpected or self.misshapen or self.duplicates):
             return
         lines = [f"{self.name}: the checkpoint does not match the model."]
         for title, items in (
+            ("duplicate keys (keep one copy of each)", self.duplicates),
             ("missing keys", self.missing),
             ("unexpected keys", unexpected),
             ("misshapen keys", self.misshapen),
@@ -195,7 +205,7 @@ class StrictStateDict:
                 if len(items) > len(shown):
                     lines.append(f"    ... and {len(items) - len(shown)} more")
         lines.append(
-            "  Check that the checkpoint belongs to this model family and that the config "
+            "  — check that the checkpoint belongs to this model family and that the config "
             "(sizes, bits, depth) matches the checkpoint."
         )
         raise ConversionError("\n".join(lines))
