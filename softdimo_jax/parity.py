@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from softdimo_jax.conversion.state_dict import check_npz
 from softdimo_jax.runtime.errors import BadInput, guarded, strip_debug
 
 # family (the names of `python -m softdimo_jax.convert --model`) -> "module:function"; each
@@ -140,6 +141,7 @@ def load_fixture(path: str) -> Fixture:
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such fixture file — pass a parity fixture .npz (see tests/fixtures/)")
     try:
+        check_npz(path)
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
             if "model" not in files or "cfg" not in files:

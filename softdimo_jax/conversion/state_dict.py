@@ -9,10 +9,12 @@ fails with one error that lists every missing, unexpected and misshapen key at o
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-from softdimo_jax.conversion.torch_pickle import load_torch_file
+from softdimo_jax.conversion.torch_pickle import check_member_name, check_member_size, load_torch_file
 from softdimo_jax.runtime.errors import BadInput
 
 
@@ -34,20 +36,14 @@ def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
         the top level holds exactly one of the usual wrapper keys, that one.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        raise CheckpointNotFound(f"checkpoint not found: {path!r} — check the path")
+    if os.path.isdir(path):
+        raise BadInput(f"{path!r} is a directory — pass the checkpoint file inside it")
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        sd = dict(load_file(path))
+        sd = _load_safetensors(path)
     elif lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.files)
-            # Parity fixtures keep weights under `sd/`; accept them directly.
-            if any(k.startswith("sd/") for k in keys):
-                sd = {k[3:]: np.asarray(z[k]) for k in keys if k.startswith("sd/")}
-            else:
-                sd = {k: np.asarray(z[k]) for k in keys}
+        sd = _load_npz(path)
     elif lower.endswith((".bin", ".pth", ".pt", ".ckpt")):
         obj = load_torch_file(path)
         sd = _unwrap(obj, subkey, path)
@@ -60,6 +56,66 @@ def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
         prefix = subkey + "."
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} or sd
     return sd
+
+
+class CheckpointNotFound(BadInput, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    # The header declares every tensor's byte range; safetensors checks it against the file
+    # size before reading, so a truncated or inflated file is refused without allocating.
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise BadInput(f"{path!r} is not a readable .safetensors file ({' '.join(str(e).split())}) "
+                       "— re-download or re-export it") from e
+
+
+def check_npz(path: str) -> None:
+    """Refuses an .npz whose members escape the archive, would inflate like a zip bomb, hold
+    objects, or declare an array larger than the bytes that member holds — checked on the
+    headers, before numpy allocates anything."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            check_member_name(info.filename, path)
+            check_member_size(info, path)
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                header = f.tell()
+            if dtype.hasobject:
+                raise BadInput(f"{path}: member {info.filename} holds Python objects — save plain arrays")
+            numel = 1
+            for n in shape:
+                numel *= int(n)
+            if numel * dtype.itemsize != info.file_size - header:
+                raise BadInput(f"{path}: member {info.filename} declares {shape} {dtype} "
+                               f"({numel * dtype.itemsize} bytes) but holds {info.file_size - header} "
+                               "— the file is truncated or corrupt; re-create it")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        check_npz(path)
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            # Parity fixtures keep weights under `sd/`; accept them directly.
+            if any(k.startswith("sd/") for k in keys):
+                return {k[3:]: np.asarray(z[k]) for k in keys if k.startswith("sd/")}
+            return {k: np.asarray(z[k]) for k in keys}
+    except BadInput:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise BadInput(f"{path!r} is not a readable .npz file ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())}) — re-create or re-copy it") from e
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")

@@ -20,9 +20,10 @@ from typing import Any
 import jax
 
 from softdimo_jax.runtime.artifacts import is_remote
+from softdimo_jax.runtime.errors import BadInput
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(BadInput):
     """A checkpoint on disk was made by a different config (model size, optimiser...)."""
 
 

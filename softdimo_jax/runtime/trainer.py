@@ -61,9 +61,10 @@ from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
+from softdimo_jax.runtime.errors import RunFailure
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
