@@ -323,3 +323,68 @@ def test_convert_set_on_cli_and_help(capsys, tmp_path, fixtures_dir):
         convert_cli.main(["--help"])
     out = capsys.readouterr().out
     assert "VALUE is JSON" in out and "taming_vqgan" in out and "ch_mult=[1, 1, 2, 2, 4]" in out
+
+
+# ---------------------------------------------------------------- convert --overwrite never destroys data
+import errno
+import os
+import shutil
+
+from softdimo_jax.runtime import converted
+from softdimo_jax.runtime.errors import RunFailure
+
+
+@pytest.fixture
+def vit(fixtures_dir, tmp_path):
+    """SRC (the maskgit fixture) and argv that converts it into tmp_path/ckpt."""
+    src = tmp_path / "src.npz"
+    shutil.copy(fixtures_dir / "maskgit_transformer_a.npz", src)
+    fx = parity.load_fixture(str(src))
+    sets = []
+    for k, v in fx.cfg.items():
+        if k in convert_cli.family_fields("maskgit_transformer"):
+            sets += ["--set", f"{k}={v}"]
+    return src, ["--model", "maskgit_transformer", *sets]
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(vit, tmp_path, capsys):
+    src, argv = vit
+    dst = tmp_path / "ckpt"
+    assert convert_cli.main(argv + [str(src), str(dst)]) == 0
+    before = (dst / "model.json").read_text()
+    # A converted checkpoint is replaced, leaving nothing beside it.
+    assert convert_cli.main(argv + ["--overwrite", str(src), str(dst)]) == 0
+    assert (dst / "model.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src.npz"]
+    converted.load_converted(str(dst))
+    capsys.readouterr()
+    # Unrelated files, a plain file and the source itself are never replaced.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    (tmp_path / "afile").write_text("x")
+    for target in (other, tmp_path / "afile", tmp_path):
+        rc, _, err = _cli(argv + ["--overwrite", str(src), str(target)], capsys)
+        assert rc == 2 and len(err) == 1 and ("refused" in err[0] or "holds the source" in err[0]), err
+    assert (other / "thesis.tex").read_text() == "years of work" and src.exists()
+    (dst / "extra.txt").write_text("mine")  # a checkpoint someone added files to
+    rc, _, err = _cli(argv + ["--overwrite", str(src), str(dst)], capsys)
+    assert rc == 2 and "extra.txt" in err[0] and (dst / "extra.txt").exists()
+
+
+def test_full_disk_keeps_the_old_checkpoint(vit, tmp_path, capsys, monkeypatch):
+    src, argv = vit
+    dst = tmp_path / "ckpt"
+    assert convert_cli.main(argv + [str(src), str(dst)]) == 0
+    capsys.readouterr()
+
+    class FullDisk:
+        def save(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(converted, "orbax", lambda: type("O", (), {"StandardCheckpointer": FullDisk}))
+    rc, _, err = _cli(argv + ["--overwrite", str(src), str(dst)], capsys)
+    assert rc == 1 and len(err) == 1 and "no space left" in err[0] and "MiB" in err[0] and str(tmp_path) in err[0]
+    monkeypatch.undo()
+    converted.load_converted(str(dst))  # the old one is intact
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src.npz"]  # nothing half-written left
