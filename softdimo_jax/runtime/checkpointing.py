@@ -13,14 +13,20 @@ tensorstore traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from softdimo_jax.runtime.artifacts import is_remote
-from softdimo_jax.runtime.errors import BadInput
+from softdimo_jax.runtime.errors import BadInput, RunFailure
+
+
+class MissingCheckpointError(BadInput, FileNotFoundError):
+    """A stage's checkpoint that a later stage or command needs is not there."""
 
 
 class CheckpointMismatchError(BadInput):
@@ -60,6 +66,29 @@ def save(manager: "orbax.checkpoint.CheckpointManager", step: int, state: Any, m
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in an exception's chain (orbax wraps its threads' errors)."""
+    for _ in range(10):
+        if e is None:
+            return False
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def raise_if_disk_full(e: BaseException, directory: str | None, state: Any) -> None:
+    """A full disk as one line: where, and how much the state needs (orbax writes to a
+    temporary directory, so nothing half-written is taken as a checkpoint)."""
+    if not is_disk_full(e):
+        return
+    nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(state) if hasattr(x, "shape") and hasattr(x, "dtype"))
+    raise RunFailure(f"no space left on the device of {directory}: a checkpoint needs about "
+                     f"{nbytes / 2**20:.0f} MiB — free space there (or use another --workdir) and rerun; "
+                     "the run resumes from its last complete checkpoint") from e
 
 
 def _key_name(entry) -> str:
@@ -140,8 +169,8 @@ def load_latest_state(stage_dir: str, abstract_state=None, name: str = "stage"):
     try:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(
-                f"[{name}] no checkpoint in {checkpoint_dir(stage_dir)}; run that stage first"
+            raise MissingCheckpointError(
+                f"[{name}] no checkpoint in {checkpoint_dir(stage_dir)} — run that stage first"
             )
         if abstract_state is None:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]

@@ -17,7 +17,6 @@ loading a tokenizer does not import every other family's model and converter.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib
 import json
 import os
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.conversion.state_dict import check_params_match
-from softdimo_jax.runtime.checkpointing import orbax
+from softdimo_jax.runtime.checkpointing import is_disk_full, orbax
 from softdimo_jax.runtime.errors import BadInput, RunFailure
 
 FORMAT_VERSION = 1
@@ -196,6 +195,10 @@ def family_of(model) -> str:
 # ------------------------------------------------------------------ save / load
 
 
+class ExistsError(BadInput, FileExistsError):
+    """The destination exists and --overwrite was not given."""
+
+
 def check_replaceable(path: str, *, overwrite: bool, source: str = "") -> None:
     """Refuses to write over `path` unless it is absent, or `overwrite` and it is a converted
     checkpoint (model.json + params/ and nothing else) that does not hold `source`."""
@@ -222,10 +225,6 @@ def check_replaceable(path: str, *, overwrite: bool, source: str = "") -> None:
         raise BadInput(f"--overwrite refused: {path} is not a converted checkpoint (it holds "
                        f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}) — remove it yourself "
                        "or choose another destination")
-
-
-class ExistsError(BadInput, FileExistsError):
-    """The destination exists and --overwrite was not given."""
 
 
 def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False) -> None:
@@ -259,7 +258,7 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
             json.dump(meta, f, indent=2, sort_keys=True)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise RunFailure(f"no space left writing {path}: the checkpoint needs about "
                              f"{nbytes / 2**20:.1f} MiB in {parent} — free space there or choose "
                              "another destination (nothing was replaced)") from e
@@ -272,17 +271,6 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT anywhere in the chain (orbax wraps I/O errors of its threads)."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False
 
 
 def read_meta(path: str) -> dict:
