@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from softdimo_jax.pipelines.registry import PIPELINES
+from softdimo_jax.runtime import checkpointing
 from softdimo_jax.runtime.artifacts import is_remote
 from softdimo_jax.runtime.distributed import run_absl
 from softdimo_jax.runtime.errors import BadInput, guarded, one_line
@@ -38,6 +39,8 @@ DEFAULT_CONFIG = REPO / "configs" / "digits.py"
 _CONFIG = None
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json (local or gs://)")
 flags.DEFINE_bool("debug", False, "show the traceback of an error instead of one line")
+flags.DEFINE_bool("retrain_stale", False, "retrain a stage whose checkpoint was made with other settings (or "
+                  "from other upstream stages) and the stages after it, instead of refusing")
 
 
 def resolve_config_path(spec: str, cwd: str | None = None) -> tuple[str, bool]:
@@ -154,6 +157,7 @@ def body(argv) -> int:
     validate_config(config)
     run = pipeline_of(config)
     prepare_workdir(_WORKDIR.value)
+    checkpointing.RETRAIN_STALE["enabled"] = bool(flags.FLAGS.retrain_stale)
     with workdir_lock(_WORKDIR.value):
         run(config, _WORKDIR.value)
     return 0

@@ -155,3 +155,53 @@ def test_main_debug_shows_traceback(tmp_path):
     rc, lines, err = _main(["--config=configs/digits.py:smoke", "--config.teacher.train.num_steps=0",
                             "--debug", f"--workdir={tmp_path}"])
     assert rc == 2 and "Traceback" in err and lines
+
+
+# ---------------------------------------------------------------- stage identity
+from softdimo_jax.runtime.checkpointing import RETRAIN_STALE, StaleStageError
+
+
+def ident_trainer(stage_dir, num_steps=4, lr=0.1, upstream="u1"):
+    tr = blowup_trainer(stage_dir, num_steps=num_steps)
+    tr.config_json = {"config": {"train": {"lr": lr, "num_steps": num_steps}, "seed": 0},
+                      "upstream": {"prev": {"config": {"x": upstream}}}}
+    return tr
+
+
+def test_changed_setting_is_refused_naming_the_directory(tmp_path):
+    ident_trainer(str(tmp_path)).run()
+    with pytest.raises(StaleStageError, match=rf"config.train.lr: 0.1 -> 0.2.*delete {tmp_path}"):
+        ident_trainer(str(tmp_path), lr=0.2).run()
+    with pytest.raises(StaleStageError, match=r"upstream.prev.config.x: \"u1\" -> \"u2\""):
+        ident_trainer(str(tmp_path), upstream="u2").run()
+    with pytest.raises(StaleStageError, match=r"num_steps: 4 -> 2"):  # shorter: not the same run
+        ident_trainer(str(tmp_path), num_steps=2).run()
+    again = ident_trainer(str(tmp_path)).run()  # unchanged: restored
+    assert not again.trained
+
+
+def test_longer_num_steps_resumes_and_extends(tmp_path):
+    ident_trainer(str(tmp_path)).run()
+    longer = ident_trainer(str(tmp_path), num_steps=6).run()
+    assert longer.trained and longer.resumed_from == 4 and longer.step == 6
+
+
+def test_retrain_stale_retrains(tmp_path, monkeypatch):
+    ident_trainer(str(tmp_path)).run()
+    monkeypatch.setitem(RETRAIN_STALE, "enabled", True)
+    result = ident_trainer(str(tmp_path), lr=0.2).run()
+    assert result.trained and result.resumed_from is None
+    monkeypatch.setitem(RETRAIN_STALE, "enabled", False)
+    assert not ident_trainer(str(tmp_path), lr=0.2).run().trained  # the new identity is stored
+
+
+def test_unfinished_stage_may_continue_with_its_own_changed_settings(tmp_path):
+    """A diverged run stopped at its last good checkpoint continues with a saner setting."""
+    tr = ident_trainer(str(tmp_path))
+    tr.batch_fn = lambda step: {"scale": np.full((1,), 1e20 if step >= 2 else 1.0, np.float32)}
+    with pytest.raises(NonFiniteLossError):
+        tr.run()
+    result = ident_trainer(str(tmp_path), lr=0.01).run()
+    assert result.resumed_from == 2 and result.step == 4
+    with pytest.raises(StaleStageError):  # an upstream change is never continued
+        ident_trainer(str(tmp_path), lr=0.01, upstream="u2").run()

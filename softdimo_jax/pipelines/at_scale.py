@@ -222,7 +222,7 @@ def gan(config, workdir: str) -> None:
         "gan", refiner, init, (dimo_state, teacher_params), gcfg, os.path.join(workdir, "gan"),
         batch_fn=tfds_images.make_batch_fn(source, int(gcfg.batch_size), int(gcfg.seed)),
         frozen={"teacher": teacher_params, "tokenizer": tok_params}, keep=int(dcfg.keep_checkpoints),
-        fingerprint=to_jsonable(config))
+        fingerprint=stage_identity(config, workdir, "distill"))
 
 
 # --------------------------------------------------------------------------- reward
@@ -271,7 +271,7 @@ def reward(config, workdir: str) -> None:
     result = phases.train_refinement(
         "reward", refiner, refiner.init_state, (start,), rcfg, stage_dir, batch_fn=lambda step: None,
         frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
-        keep=int(dcfg.keep_checkpoints), fingerprint=to_jsonable(config))
+        keep=int(dcfg.keep_checkpoints), fingerprint=stage_identity(config, workdir, str(rcfg.source)))
     gen = generator_params(result.state, dcfg.sample.use_ema)
     log(f"[reward] generator weights -> {phases.export_student(stage_dir, 'maskbit_generator', model, gen)}")
     k = max(int(config.get("grid_samples", 16)), mesh.size)
@@ -281,6 +281,13 @@ def reward(config, workdir: str) -> None:
                                    seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS)
     artifacts.save_grid(stage_dir, "student_hard", images, nrow=None)
     write_local_report(workdir)
+
+
+def stage_identity(config, workdir: str, upstream: str) -> dict:
+    """A refinement stage's identity: its whole config plus the identity stored with the
+    checkpoints of the stage it starts from (so a retrained source invalidates it)."""
+    return {"config": to_jsonable(config),
+            "upstream": {upstream: checkpointing.stored_identity(os.path.join(workdir, upstream))}}
 
 
 def write_local_report(workdir: str) -> None:

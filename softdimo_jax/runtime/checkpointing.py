@@ -179,6 +179,66 @@ def load_latest_state(stage_dir: str, abstract_state=None, name: str = "stage"):
         manager.close()
 
 
+class StaleStageError(CheckpointMismatchError):
+    """A stage's checkpoint was made with other settings (or from other upstream stages)."""
+
+
+# Set by the main command's --retrain_stale: a stale stage is retrained instead of refused.
+RETRAIN_STALE = {"enabled": False}
+
+
+def identity_diffs(a, b, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(path, old, new) for every leaf where two JSON identities differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += identity_diffs(a.get(k), b.get(k), f"{path}{k}.")
+        return out
+    return [] if a == b else [(path[:-1] or "<root>", a, b)]
+
+
+def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: str, name: str) -> list[str]:
+    """Raises StaleStageError unless the stored identity equals `identity`, up to a longer
+    run of this very stage (its own num_steps raised: resume and extend).
+
+    A stage that never finished (stopped, killed, diverged) may continue with changes to
+    its own settings only (e.g. a lower learning rate after a divergence): the changes
+    are returned for a warning. Upstream changes and finished stages are refused."""
+    if identity is None or not isinstance(meta, dict) or "config" not in meta:
+        return []  # no identity recorded (tests, old checkpoints): the shape check still runs
+    now = json.loads(json.dumps(identity))
+    stored_target = meta.get("num_steps", meta.get("step"))
+    changed, upstream = [], False
+    for path, old, new in identity_diffs(meta["config"], now):
+        extends = (path.rsplit(".", 1)[-1] == "num_steps" and not path.startswith("upstream.")
+                   and isinstance(old, int) and old == stored_target and new == num_steps and new > old)
+        if not extends:
+            changed.append(f"{path}: {json.dumps(old)} -> {json.dumps(new)}")
+            upstream = upstream or path.startswith("upstream.")
+    finished = isinstance(stored_target, int) and isinstance(meta.get("step"), int) and meta["step"] >= stored_target
+    if changed and not upstream and not finished:
+        return changed
+    if changed:
+        raise StaleStageError(
+            f"[{name}] the checkpoint in {checkpoint_dir(stage_dir)} was made with other settings or from "
+            f"other upstream stages ({len(changed)} differ: {'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}) — delete {os.path.abspath(stage_dir)} (and the stage "
+            "directories after it) to retrain, rerun with --retrain_stale to retrain them, or restore the settings"
+        )
+    return []
+
+
+def stored_identity(stage_dir: str) -> Any:
+    """The identity stored with a stage's latest checkpoint (None when it has none)."""
+    manager = open_manager(stage_dir)
+    try:
+        step = manager.latest_step()
+        meta = None if step is None else read_meta(manager, step)
+        return meta.get("config") if isinstance(meta, dict) else None
+    finally:
+        manager.close()
+
+
 def json_diff(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []

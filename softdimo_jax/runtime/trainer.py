@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from typing import Any, Callable
 
@@ -263,6 +264,25 @@ class Trainer:
             self.manager, step, self.abstract_state(), self.stage_dir, self.name, self.config_json
         )
 
+    def _identity_ok(self, step: int) -> bool:
+        """The stored identity matches (or the run extends): True. A stale checkpoint is
+        refused (StaleStageError), or with --retrain_stale removed: False."""
+        meta = checkpointing.read_meta(self.manager, step)
+        try:
+            changed = checkpointing.check_identity(meta, self.config_json, self.num_steps, self.stage_dir, self.name)
+            if changed:
+                log(f"[{self.name}] warning: continuing the unfinished run at step {step} with changed "
+                    f"settings: {'; '.join(changed[:6])}")
+            return True
+        except checkpointing.StaleStageError as e:
+            if not checkpointing.RETRAIN_STALE["enabled"] or artifacts.is_remote(self.checkpoint_dir):
+                raise
+            log(f"[{self.name}] retraining: {e}")
+            self._manager.close()
+            self._manager = None
+            shutil.rmtree(self.checkpoint_dir)
+            return False
+
     def check_state(self, state, step: int, last_good_saved: int | None) -> None:
         """Raises NonFiniteLossError if a floating array of `state` is non-finite or beyond
         `max_abs_state` (one jitted reduction; the arrays stay on device)."""
@@ -292,7 +312,7 @@ class Trainer:
     def save(self, step: int, state) -> None:
         if self.manager is None:
             return
-        meta = {"step": int(step), "stage": self.name, "config": self.config_json}
+        meta = {"step": int(step), "stage": self.name, "config": self.config_json, "num_steps": self.num_steps}
         try:
             checkpointing.save(self.manager, step, state, meta)
         except Exception as e:
@@ -304,6 +324,8 @@ class Trainer:
         start = 0
         resumed = None
         latest = self.latest_step()
+        if latest is not None and not self._identity_ok(latest):
+            latest = None  # retrained: the stale checkpoints were removed
         if latest is not None:
             state = self.restore(latest)
             start = resumed = int(latest)
