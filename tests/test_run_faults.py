@@ -205,3 +205,16 @@ def test_unfinished_stage_may_continue_with_its_own_changed_settings(tmp_path):
     assert result.resumed_from == 2 and result.step == 4
     with pytest.raises(StaleStageError):  # an upstream change is never continued
         ident_trainer(str(tmp_path), lr=0.01, upstream="u2").run()
+
+
+def test_prompt_file_refusals_name_file_and_offset(tmp_path):
+    from softdimo_jax.data import prompts
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("a cat\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(BadInput, match=rf"{bad}.*not UTF-8 \(byte 9: .*— save it as UTF-8"):
+        prompts.read_prompts(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(BadInput, match=rf"{empty}.*no captions"):
+        prompts.read_prompts(str(empty))
