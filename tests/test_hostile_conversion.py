@@ -388,3 +388,18 @@ def test_full_disk_keeps_the_old_checkpoint(vit, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     converted.load_converted(str(dst))  # the old one is intact
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "src.npz"]  # nothing half-written left
+
+
+def test_damaged_converted_checkpoint_is_one_line(vit, tmp_path, capsys):
+    src, argv = vit
+    dst = tmp_path / "ckpt"
+    assert convert_cli.main(argv + [str(src), str(dst)]) == 0
+    shutil.rmtree(dst / "params")
+    (dst / "params").mkdir()
+    with pytest.raises(BadInput, match="cannot be read .* — re-create"):
+        converted.load_converted(str(dst))
+    (dst / "model.json").write_text("{not json")
+    with pytest.raises(BadInput, match="unreadable"):
+        converted.load_converted(str(dst))
+    with pytest.raises(BadInput, match="not a converted checkpoint"):
+        converted.load_converted(str(tmp_path))

@@ -319,8 +319,13 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
         if diff:
             lines = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs module {want.get(k)!r}" for k in diff)
             raise ConfigMismatchError(f"{path} was converted for another config ({lines})")
-    restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
-    params = restored["params"]
+    try:
+        restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+        params = restored["params"]
+    except Exception as e:  # orbax / tensorstore errors on a missing or damaged params/
+        raise NotConvertedError(f"{path}/{PARAMS_DIR} cannot be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]}) — re-create the checkpoint with "
+                                "python -m softdimo_jax.convert") from e
     expected = _expected_params(model)
     check_params_match(params, expected, name=path)
     params = jax.tree.map(lambda x: np.asarray(x), params)
