@@ -197,6 +197,11 @@ def identity_diffs(a, b, path: str = "") -> list[tuple[str, Any, Any]]:
     return [] if a == b else [(path[:-1] or "<root>", a, b)]
 
 
+def _short(value: Any, limit: int = 48) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: str, name: str) -> list[str]:
     """Raises StaleStageError unless the stored identity equals `identity`, up to a longer
     run of this very stage (its own num_steps raised: resume and extend).
@@ -213,7 +218,7 @@ def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: 
         extends = (path.rsplit(".", 1)[-1] == "num_steps" and not path.startswith("upstream.")
                    and isinstance(old, int) and old == stored_target and new == num_steps and new > old)
         if not extends:
-            changed.append(f"{path}: {json.dumps(old)} -> {json.dumps(new)}")
+            changed.append(f"{path}: {_short(old)} -> {_short(new)}")
             upstream = upstream or path.startswith("upstream.")
     finished = isinstance(stored_target, int) and isinstance(meta.get("step"), int) and meta["step"] >= stored_target
     if changed and not upstream and not finished:
