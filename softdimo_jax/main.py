@@ -79,14 +79,25 @@ def rewrite_config_arg(argv: list[str]) -> list[str]:
 
 
 def define_config_flag():
-    """Defines --config (a locked ml_collections config: unknown keys are refused)."""
+    """Defines --config (a locked ml_collections config: unknown keys are refused).
+    ml_collections may apply `--config.a.b=v` overrides right here (default config)."""
     global _CONFIG
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(DEFAULT_CONFIG),
-        "ml_collections config file (default: configs/digits.py; a relative path is also looked "
-        "up in the repository); append ':PRESET' for a preset (digits: ':smoke', the tiny one)",
-        lock_config=True,
-    )
+    try:
+        _CONFIG = config_flags.DEFINE_config_file(
+            "config", str(DEFAULT_CONFIG),
+            "ml_collections config file (default: configs/digits.py; a relative path is also looked "
+            "up in the repository); append ':PRESET' for a preset (digits: ':smoke', the tiny one)",
+            lock_config=True,
+        )
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        raise config_error(e, sys.argv) from e
+
+
+def config_error(e: BaseException, argv: list[str]) -> BadInput:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    what = f"bad config override {' '.join(overrides)}" if overrides else "bad config"
+    msg = one_line(e).replace("\\n", " ").replace("\\", "").replace("'", "").strip("\"")
+    return BadInput(f"{what}: {msg} — keys are locked; see the config file for the valid ones")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -97,10 +108,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         raise BadInput(f"{one_line(e)} — see --help for the flags") from e
     except (AttributeError, KeyError, ValueError, TypeError) as e:
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        what = f"bad config override {' '.join(overrides)}" if overrides else "bad config"
-        msg = one_line(e).strip("\"'")
-        raise BadInput(f"{what}: {msg} — keys are locked; see the config file for the valid ones") from e
+        raise config_error(e, argv) from e
     except (FileNotFoundError, OSError, SyntaxError) as e:
         raise BadInput(f"cannot load the config: {one_line(e)} — pass an existing config file") from e
 

@@ -170,7 +170,7 @@ def ident_trainer(stage_dir, num_steps=4, lr=0.1, upstream="u1"):
 
 def test_changed_setting_is_refused_naming_the_directory(tmp_path):
     ident_trainer(str(tmp_path)).run()
-    with pytest.raises(StaleStageError, match=rf"config.train.lr: 0.1 -> 0.2.*delete {tmp_path}"):
+    with pytest.raises(StaleStageError, match=rf"config.train.lr: 0.1 -> 0.2.*delete the stage directory {tmp_path}"):
         ident_trainer(str(tmp_path), lr=0.2).run()
     with pytest.raises(StaleStageError, match=r"upstream.prev.config.x: \"u1\" -> \"u2\""):
         ident_trainer(str(tmp_path), upstream="u2").run()

@@ -227,8 +227,9 @@ def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: 
         raise StaleStageError(
             f"[{name}] the checkpoint in {checkpoint_dir(stage_dir)} was made with other settings or from "
             f"other upstream stages ({len(changed)} differ: {'; '.join(changed[:6])}"
-            f"{'; ...' if len(changed) > 6 else ''}) — delete {os.path.abspath(stage_dir)} (and the stage "
-            "directories after it) to retrain, rerun with --retrain_stale to retrain them, or restore the settings"
+            f"{'; ...' if len(changed) > 6 else ''}) — delete the stage directory {os.path.abspath(stage_dir)} (and "
+            "the stage directories after it) to retrain, rerun with --retrain_stale to retrain them, or restore "
+            "the settings"
         )
     return []
 
