@@ -9,10 +9,17 @@
 `config.pipeline` picks the pipeline (softdimo_jax.pipelines.registry.PIPELINES): digits, teacher,
 distill, gan, reward. With SOFTDIMO_DISTRIBUTED=1 (set by launch/tpu_train.sh and
 launch/gpu_train.sh) `jax.distributed.initialize()` runs first on every host.
+
+`--config=configs/X.py` works from any directory: a relative path that does not exist
+from the current directory is looked up in this repository (its `configs/`), and the file
+used is printed. Errors of ours are one line (`main: <what> — <fix>`, exit 2 for bad
+input, 1 for a failed run); `--debug` shows the traceback. One run at a time per workdir
+(a lock file, `.softdimo.lock`; a lock left by a killed run on this host is taken over).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -20,69 +27,171 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from softdimo_jax.pipelines.registry import PIPELINES
-from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
+from softdimo_jax.runtime import checkpointing
+from softdimo_jax.runtime.artifacts import is_remote
 from softdimo_jax.runtime.distributed import run_absl
-from softdimo_jax.runtime.trainer import NonFiniteLossError
+from softdimo_jax.runtime.errors import BadInput, guarded, one_line
+from softdimo_jax.runtime.workdir_lock import workdir_lock
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits.py"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "digits.py"
 
 _CONFIG = None
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json (local or gs://)")
+flags.DEFINE_bool("debug", False, "show the traceback of an error instead of one line")
+flags.DEFINE_bool("retrain_stale", False, "retrain a stage whose checkpoint was made with other settings (or "
+                  "from other upstream stages) and the stages after it, instead of refusing")
 
 
-def _clean_message(e: BaseException) -> str:
-    msg = str(e.args[0]) if e.args else str(e)
-    return " ".join(msg.replace("\\n", " ").replace("\\", "").replace("'", "").split())
+def resolve_config_path(spec: str, cwd: str | None = None) -> tuple[str, bool]:
+    """`path[:preset]` -> (spec with the file found, whether it was looked up in the repo).
+
+    A relative path that does not exist from `cwd` is tried against the repository root
+    (`configs/x.py`) and then its `configs/` directory (`x.py`)."""
+    path, sep, preset = spec.partition(".py")
+    path += ".py" if sep else ""
+    rest = preset  # ":preset" or ""
+    cwd = cwd or os.getcwd()
+    if not path or os.path.isabs(path) or os.path.exists(os.path.join(cwd, path)):
+        return spec, False
+    for cand in (REPO / path, REPO / "configs" / path, REPO / "configs" / os.path.basename(path)):
+        if cand.is_file():
+            return str(cand) + rest, True
+    raise BadInput(f"config file {path} not found (from {cwd} nor in {REPO / 'configs'}) — pass an "
+                   f"existing file, e.g. --config={DEFAULT_CONFIG.relative_to(REPO)}")
+
+
+def rewrite_config_arg(argv: list[str]) -> list[str]:
+    """argv with a --config path resolved (see `resolve_config_path`); says which file."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            spec, found = resolve_config_path(a.split("=", 1)[1])
+            out[i] = "--config=" + spec
+        elif a == "--config" and i + 1 < len(out):
+            spec, found = resolve_config_path(out[i + 1])
+            out[i + 1] = spec
+        else:
+            continue
+        if found:
+            print(f"main: using config {spec}", file=sys.stderr)
+    return out
 
 
 def define_config_flag():
-    """Defines --config. ml_collections applies `--config.a.b=v` overrides while the flag is
-    defined, and a locked config rejects unknown keys there: turn that into a short error."""
+    """Defines --config (a locked ml_collections config: unknown keys are refused).
+    ml_collections may apply `--config.a.b=v` overrides right here (default config)."""
     global _CONFIG
     try:
         _CONFIG = config_flags.DEFINE_config_file(
             "config", str(DEFAULT_CONFIG),
-            "ml_collections config file (default: configs/digits.py); append ':PRESET' for a "
-            "preset (digits: ':smoke', the tiny one)",
+            "ml_collections config file (default: configs/digits.py; a relative path is also looked "
+            "up in the repository); append ':PRESET' for a preset (digits: ':smoke', the tiny one)",
             lock_config=True,
         )
     except (AttributeError, KeyError, ValueError, TypeError) as e:
-        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-        sys.exit(
-            f"error: bad config override {' '.join(overrides)}: {_clean_message(e)}\n"
-            "  (keys are locked; see the config file for the valid ones)"
-        )
+        raise config_error(e, sys.argv) from e
+
+
+def config_error(e: BaseException, argv: list[str]) -> BadInput:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    what = f"bad config override {' '.join(overrides)}" if overrides else "bad config"
+    msg = one_line(e).replace("\\n", " ").replace("\\", "").replace("'", "").strip("\"")
+    return BadInput(f"{what}: {msg} — keys are locked; see the config file for the valid ones")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses the flags now, so that a bad override or config file is one line, not absl's
+    traceback; returns the arguments left over."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise BadInput(f"{one_line(e)} — see --help for the flags") from e
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        raise config_error(e, argv) from e
+    except (FileNotFoundError, OSError, SyntaxError) as e:
+        raise BadInput(f"cannot load the config: {one_line(e)} — pass an existing config file") from e
+
+
+def _walk(config, prefix=""):
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", k, v
+
+
+def validate_config(config) -> None:
+    """Refuses settings that could only fail later with a traceback."""
+    for path, key, value in _walk(config):
+        if key in ("num_steps", "batch_size") and isinstance(value, int) and not isinstance(value, bool) \
+                and value <= 0:
+            raise BadInput(f"config.{path}={value}: must be a positive integer — pass "
+                           f"--config.{path}=N with N >= 1")
+
+
+def prepare_workdir(workdir: str) -> None:
+    if is_remote(workdir):
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise BadInput(f"--workdir {workdir} is a file — pass a directory (it is created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise BadInput(f"--workdir {workdir} is not writable ({e.strerror}) — pass a directory you "
+                       "can write to") from e
 
 
 def pipeline_of(config):
     name = config.get("pipeline")
     if name not in PIPELINES:
-        raise app.UsageError(
-            f"config.pipeline is {name!r}; it must name one of {sorted(PIPELINES)} (set it in the config file)")
+        raise BadInput(
+            f"config.pipeline is {name!r} — it must name one of {sorted(PIPELINES)} (set it in the config file)")
     return PIPELINES[name]
 
 
-def main(argv) -> int:
+def body(argv) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise BadInput(f"unexpected arguments: {' '.join(argv[1:])} — flags look like --name=value")
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (where checkpoints and metrics.json go)")
+        raise BadInput("--workdir is required — pass where checkpoints and metrics.json go")
     # Orbax logs every save at INFO; keep the console to our progress lines and warnings.
     logging.set_verbosity(logging.WARNING)
-    run = pipeline_of(_CONFIG.value)
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except (CheckpointMismatchError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    config = _CONFIG.value
+    validate_config(config)
+    run = pipeline_of(config)
+    prepare_workdir(_WORKDIR.value)
+    checkpointing.RETRAIN_STALE["enabled"] = bool(flags.FLAGS.retrain_stale)
+    with workdir_lock(_WORKDIR.value):
+        run(config, _WORKDIR.value)
     return 0
 
 
+def main(argv) -> int:
+    return guarded("main", lambda: body(argv), debug=flags.FLAGS.debug)
+
+
 def run() -> None:
-    if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in sys.argv):
-        sys.exit(f"error: the default config {DEFAULT_CONFIG} is missing; pass --config=PATH")
-    define_config_flag()
-    run_absl(main)
+    remaining: list[str] = []
+
+    def start() -> int:
+        argv = rewrite_config_arg(sys.argv)
+        if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in argv):
+            raise BadInput(f"the default config {DEFAULT_CONFIG} is missing — pass --config=PATH")
+        sys.argv[:] = argv
+        define_config_flag()
+        remaining.extend(parse_flags(argv))
+        return 0
+
+    rc = guarded("main", start, debug="--debug" in sys.argv)
+    if rc:
+        sys.exit(rc)
+    # The flags are parsed (once: config overrides define flags); app.run takes the result.
+    run_absl(main, flags_parser=lambda argv: remaining)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_checkpoint_from_another_config_is_a_clear_error(smoke_run):
     workdir, _ = smoke_run
     cfg = smoke_config()
     cfg.teacher.model.hidden_dim = 48
-    with pytest.raises(CheckpointMismatchError, match=f"Delete the stage directory {workdir}/teacher"):
+    with pytest.raises(CheckpointMismatchError, match=f"(?i)delete the stage directory {workdir}/teacher"):
         train.train_and_evaluate(cfg, workdir)
 
 

@@ -201,9 +201,9 @@ def test_convert_cli_roundtrip(tmp_path, bert_fx, tok_fx, capsys):
     with pytest.raises(ValueError, match="may be overridden"):
         converted.load_converted(str(dst), depth=3)
     # DST exists: refused without --overwrite; a wrong config fails with the key list.
-    assert convert_cli.main(argv + [bert_fx.path, str(dst)]) == 1
+    assert convert_cli.main(argv + [bert_fx.path, str(dst)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert convert_cli.main(["--model", "maskbit_generator", "--bits", "6", bert_fx.path, str(tmp_path / "x")]) == 1
+    assert convert_cli.main(["--model", "maskbit_generator", "--bits", "6", bert_fx.path, str(tmp_path / "x")]) == 2
     assert "misshapen keys" in capsys.readouterr().err
 
     tdst = tmp_path / "tok"

@@ -66,8 +66,9 @@ def test_at_scale_workdir_without_metrics(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert report_cli.main([str(tmp_path / "nope")]) == 1
-    assert "not a directory" in capsys.readouterr().err
+    assert report_cli.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("report: ") and "not a directory" in err[0] and " — " in err[0]
     workdir = _workdir(tmp_path, ["teacher@1"], ["teacher@1"])
     assert report_cli.main([workdir]) == 0  # with the TensorBoard images
     assert "summary.png" in capsys.readouterr().out

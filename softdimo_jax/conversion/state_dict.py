@@ -9,13 +9,16 @@ fails with one error that lists every missing, unexpected and misshapen key at o
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-from softdimo_jax.conversion.torch_pickle import load_torch_file
+from softdimo_jax.conversion.torch_pickle import check_member_name, check_member_size, load_torch_file
+from softdimo_jax.runtime.errors import BadInput
 
 
-class ConversionError(ValueError):
+class ConversionError(BadInput):
     """A checkpoint does not fit the model it is converted into."""
 
 
@@ -33,20 +36,14 @@ def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
         the top level holds exactly one of the usual wrapper keys, that one.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        raise CheckpointNotFound(f"checkpoint not found: {path!r} — check the path")
+    if os.path.isdir(path):
+        raise BadInput(f"{path!r} is a directory — pass the checkpoint file inside it")
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        sd = dict(load_file(path))
+        sd = _load_safetensors(path)
     elif lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.files)
-            # Parity fixtures keep weights under `sd/`; accept them directly.
-            if any(k.startswith("sd/") for k in keys):
-                sd = {k[3:]: np.asarray(z[k]) for k in keys if k.startswith("sd/")}
-            else:
-                sd = {k: np.asarray(z[k]) for k in keys}
+        sd = _load_npz(path)
     elif lower.endswith((".bin", ".pth", ".pt", ".ckpt")):
         obj = load_torch_file(path)
         sd = _unwrap(obj, subkey, path)
@@ -59,6 +56,66 @@ def load_state_dict(path: str, *, subkey: str | None = None) -> dict[str, np.nda
         prefix = subkey + "."
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} or sd
     return sd
+
+
+class CheckpointNotFound(BadInput, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    # The header declares every tensor's byte range; safetensors checks it against the file
+    # size before reading, so a truncated or inflated file is refused without allocating.
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise BadInput(f"{path!r} is not a readable .safetensors file ({' '.join(str(e).split())}) "
+                       "— re-download or re-export it") from e
+
+
+def check_npz(path: str) -> None:
+    """Refuses an .npz whose members escape the archive, would inflate like a zip bomb, hold
+    objects, or declare an array larger than the bytes that member holds — checked on the
+    headers, before numpy allocates anything."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            check_member_name(info.filename, path)
+            check_member_size(info, path)
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                header = f.tell()
+            if dtype.hasobject:
+                raise BadInput(f"{path}: member {info.filename} holds Python objects — save plain arrays")
+            numel = 1
+            for n in shape:
+                numel *= int(n)
+            if numel * dtype.itemsize != info.file_size - header:
+                raise BadInput(f"{path}: member {info.filename} declares {shape} {dtype} "
+                               f"({numel * dtype.itemsize} bytes) but holds {info.file_size - header} "
+                               "— the file is truncated or corrupt; re-create it")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        check_npz(path)
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+            # Parity fixtures keep weights under `sd/`; accept them directly.
+            if any(k.startswith("sd/") for k in keys):
+                return {k[3:]: np.asarray(z[k]) for k in keys if k.startswith("sd/")}
+            return {k: np.asarray(z[k]) for k in keys}
+    except BadInput:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise BadInput(f"{path!r} is not a readable .npz file ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())}) — re-create or re-copy it") from e
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -96,7 +153,9 @@ class StrictStateDict:
     `take(key, shape)` returns the array (as float32 unless `dtype` says otherwise) and
     records a missing key or a shape mismatch instead of raising, so that `finish()` can
     report every problem at once. `aliases` maps legacy names to current ones
-    (e.g. MaskBit's `token_emb.` -> `input_proj.`). `ignore_prefixes` names keys that are
+    (e.g. MaskBit's `token_emb.` -> `input_proj.`); two source keys that land on one name
+    (a key and its legacy alias, a wrapped `module.x` and a plain `x`) are an error naming
+    both, never one silently overwriting the other. `ignore_prefixes` names keys that are
     known not to belong to the model (Lightning's `loss.`); they are reported in
     `self.ignored` and never count as unexpected.
     """
@@ -112,6 +171,8 @@ class StrictStateDict:
         self.name = name
         self._sd: dict[str, np.ndarray] = {}
         self.ignored: list[str] = []
+        self.duplicates: list[str] = []
+        origin: dict[str, str] = {}
         ignore_prefixes = tuple(ignore_prefixes)
         for key, value in sd.items():
             new = key
@@ -124,6 +185,10 @@ class StrictStateDict:
             if ignore_prefixes and new.startswith(ignore_prefixes):
                 self.ignored.append(key)
                 continue
+            if new in origin:
+                self.duplicates.append(f"{origin[new]} and {key} both map to {new}")
+                continue
+            origin[new] = key
             self._sd[new] = np.asarray(value)
         self._used: set[str] = set()
         self.missing: list[str] = []
@@ -178,12 +243,13 @@ class StrictStateDict:
         return sorted(k for k in self._sd if k not in self._used)
 
     def finish(self) -> None:
-        """Raises ConversionError listing every missing / unexpected / misshapen key."""
+        """Raises ConversionError listing every duplicate / missing / unexpected / misshapen key."""
         unexpected = self.unexpected
-        if not (self.missing or unexpected or self.misshapen):
+        if not (self.missing or unexpected or self.misshapen or self.duplicates):
             return
         lines = [f"{self.name}: the checkpoint does not match the model."]
         for title, items in (
+            ("duplicate keys (keep one copy of each)", self.duplicates),
             ("missing keys", self.missing),
             ("unexpected keys", unexpected),
             ("misshapen keys", self.misshapen),
@@ -195,7 +261,7 @@ class StrictStateDict:
                 if len(items) > len(shown):
                     lines.append(f"    ... and {len(items) - len(shown)} more")
         lines.append(
-            "  Check that the checkpoint belongs to this model family and that the config "
+            "  — check that the checkpoint belongs to this model family and that the config "
             "(sizes, bits, depth) matches the checkpoint."
         )
         raise ConversionError("\n".join(lines))

@@ -20,27 +20,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softdimo_jax.runtime.errors import BadInput
+
+
+class PromptFileError(BadInput, FileNotFoundError):
+    """A prompt file that is missing, empty or not UTF-8 text."""
+
 
 def read_prompts(path: str) -> list[str]:
     """Captions of a prompt file, one per non-blank line (surrounding whitespace stripped)."""
     if not path:
-        raise ValueError("no prompt file given: set the config's prompt_file to a text file with one caption per line")
+        raise BadInput("no prompt file given — set the config's prompt_file to a text file with one caption per line")
     if path.startswith("gs://"):
         import tensorflow as tf
 
         if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"prompt file not found: {path!r}")
-        with tf.io.gfile.GFile(path, "r") as f:
-            text = f.read()
+            raise PromptFileError(f"prompt file not found: {path!r} — check the path")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            raw = f.read()
     else:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"prompt file not found: {path!r} (one caption per line)") from None
+            raise PromptFileError(f"prompt file not found: {path!r} — pass a text file, one caption per line") from None
+        except IsADirectoryError:
+            raise PromptFileError(f"prompt file {path!r} is a directory — pass a text file, one caption per line") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"prompt file {path!r} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}) — "
+                              "save it as UTF-8 text") from None
     captions = [line.strip() for line in text.splitlines() if line.strip()]
     if not captions:
-        raise ValueError(f"prompt file {path!r} holds no captions (only blank lines); put one caption per line")
+        raise PromptFileError(f"prompt file {path!r} holds no captions (empty or only blank lines) — put one "
+                              "caption per line")
     return captions
 
 

@@ -24,9 +24,10 @@ from PIL import Image
 
 from softdimo_jax.data.digits import batch_indices  # one rule: epoch-wise permutations of (seed, step)
 from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.runtime.errors import BadInput
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(BadInput, FileNotFoundError):
     """The requested tfds dataset/split is not prepared in data_dir."""
 
 

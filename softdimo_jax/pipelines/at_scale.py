@@ -42,6 +42,7 @@ from softdimo_jax.runtime import artifacts, checkpointing
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.artifacts import fingerprint, log, to_jsonable
 from softdimo_jax.runtime.converted import family_of, load_converted
+from softdimo_jax.runtime.errors import BadInput
 from softdimo_jax.sampling.batching import class_ordered_labels
 from softdimo_jax.sampling.maskgen_sampler import encode_captions, one_step_images
 from softdimo_jax.sampling.maskgit_sampler import one_step_sample
@@ -54,7 +55,8 @@ def teacher(config, workdir: str):
     """Teacher training on a tfds image dataset with a frozen converted tokenizer. Returns
     the final Trainer state."""
     if not config.tokenizer_checkpoint:
-        raise ValueError("set --config.tokenizer_checkpoint to a `softdimo_jax.convert` tokenizer directory")
+        raise BadInput("config.tokenizer_checkpoint is empty — set --config.tokenizer_checkpoint to a "
+                       "`softdimo_jax.convert` tokenizer directory")
     tokenizer, tok_params = load_converted(config.tokenizer_checkpoint)
     size = int(config.data.image_size)
     grid = size // tokenizer.downsample_factor
@@ -83,10 +85,14 @@ def load_teacher_and_tokenizer(config):
     converted checkpoints, in the distillation's compute dtype and remat setting."""
     dcfg = config.distill
     if not config.teacher_checkpoint:
-        raise ValueError(
-            "config.teacher_checkpoint is empty: convert the PyTorch generator first "
-            "(python -m softdimo_jax.convert --model maskbit_generator --bits 14 SRC DST) and pass "
-            "--config.teacher_checkpoint=DST"
+        family = config.get("teacher_family") or ""
+        how = {"maskbit_generator": "--model maskbit_generator --bits 14",
+               "maskgit_transformer": "--model maskgit_transformer",
+               "maskgen_vq": "--model maskgen_vq"}.get(family, f"--model FAMILY (one of maskbit_generator, "
+                                                            "maskgit_transformer, maskgen_vq)")
+        raise BadInput(
+            "config.teacher_checkpoint is empty — convert the PyTorch teacher first "
+            f"(python -m softdimo_jax.convert {how} SRC DST) and pass --config.teacher_checkpoint=DST"
         )
     model, params = load_converted(config.teacher_checkpoint, dtype=dcfg.compute_dtype, remat=bool(dcfg.remat))
     tok = (None, None)
@@ -100,8 +106,8 @@ def check_family(config, model) -> None:
     want = config.get("teacher_family") or ""
     have = family_of(model)
     if want and have != want:
-        raise ValueError(
-            f"config.teacher_family is {want!r} but config.teacher_checkpoint holds a {have!r} model; "
+        raise BadInput(
+            f"config.teacher_family is {want!r} but config.teacher_checkpoint holds a {have!r} model — "
             "pass the checkpoint converted for this config (or the config of that family)"
         )
 
@@ -109,8 +115,8 @@ def check_family(config, model) -> None:
 def load_text_encoder(config):
     """(clip_model, clip_params, BPE tokenizer) from config.text_encoder_checkpoint / bpe_merges."""
     if not config.get("text_encoder_checkpoint"):
-        raise ValueError(
-            "config.text_encoder_checkpoint is empty: convert the OpenCLIP ViT-L-14-336 text tower "
+        raise BadInput(
+            "config.text_encoder_checkpoint is empty — convert the OpenCLIP ViT-L-14-336 text tower "
             "(python -m softdimo_jax.convert --model clip_text SRC DST) and pass "
             "--config.text_encoder_checkpoint=DST"
         )
@@ -222,7 +228,7 @@ def gan(config, workdir: str) -> None:
         "gan", refiner, init, (dimo_state, teacher_params), gcfg, os.path.join(workdir, "gan"),
         batch_fn=tfds_images.make_batch_fn(source, int(gcfg.batch_size), int(gcfg.seed)),
         frozen={"teacher": teacher_params, "tokenizer": tok_params}, keep=int(dcfg.keep_checkpoints),
-        fingerprint=to_jsonable(config))
+        fingerprint=stage_identity(config, workdir, "distill"))
 
 
 # --------------------------------------------------------------------------- reward
@@ -271,7 +277,7 @@ def reward(config, workdir: str) -> None:
     result = phases.train_refinement(
         "reward", refiner, refiner.init_state, (start,), rcfg, stage_dir, batch_fn=lambda step: None,
         frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
-        keep=int(dcfg.keep_checkpoints), fingerprint=to_jsonable(config))
+        keep=int(dcfg.keep_checkpoints), fingerprint=stage_identity(config, workdir, str(rcfg.source)))
     gen = generator_params(result.state, dcfg.sample.use_ema)
     log(f"[reward] generator weights -> {phases.export_student(stage_dir, 'maskbit_generator', model, gen)}")
     k = max(int(config.get("grid_samples", 16)), mesh.size)
@@ -281,6 +287,13 @@ def reward(config, workdir: str) -> None:
                                    seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS)
     artifacts.save_grid(stage_dir, "student_hard", images, nrow=None)
     write_local_report(workdir)
+
+
+def stage_identity(config, workdir: str, upstream: str) -> dict:
+    """A refinement stage's identity: its whole config plus the identity stored with the
+    checkpoints of the stage it starts from (so a retrained source invalidates it)."""
+    return {"config": to_jsonable(config),
+            "upstream": {upstream: checkpointing.stored_identity(os.path.join(workdir, upstream))}}
 
 
 def write_local_report(workdir: str) -> None:

@@ -4,6 +4,12 @@ A stage is `Stage(name, fn)` with `fn(ctx: RunContext) -> None`: it reads what e
 stages left in the context and fills in its own field. Everything a stage hands on is a
 named field here, so what a stage needs is visible in its signature's uses, not in string
 keys.
+
+Every stage has an identity (`RunContext.identity`): the config blocks that shaped it (the
+seed always included) plus the identities of the stages it consumed. It is stored with the
+stage's checkpoints and cached rows; a rerun whose identity differs refuses the stage (or
+retrains it with --retrain_stale), and, since identities chain, everything downstream too.
+A longer num_steps of the stage itself resumes and extends it.
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ class RunContext:
     evaluator: Any = None  # evaluation.digits_metrics.DigitsEvaluator
     # One-step generators by the stage that made them: distill, softdimo_gan, gumbel_gan, reward.
     generators: dict[str, GeneratorRun] = dataclasses.field(default_factory=dict)
+    # Stage name -> its identity (see the module docstring), filled as stages run.
+    identities: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def identity(self, stage: str, *keys: str, upstream: tuple[str, ...] = (), **extra) -> dict:
+        """The identity of `stage`: config blocks `keys` (and `seed`), `extra` values, and
+        the identities of the `upstream` stages it consumed; recorded for later stages."""
+        missing = [u for u in upstream if u not in self.identities]
+        if missing:
+            raise KeyError(f"stage {stage} consumes {missing}, which have not run yet")
+        ident = {"config": artifacts.fingerprint(self.config, "seed", *keys, **extra),
+                 "upstream": {u: self.identities[u] for u in upstream}}
+        self.identities[stage] = ident
+        return ident
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.workdir, name)

@@ -31,7 +31,8 @@ from softdimo_jax.pipelines.context import (GeneratorRun, RunContext, SeedOffset
                                             TokenizerRun)
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime import mesh as meshlib
-from softdimo_jax.runtime.artifacts import fingerprint, log
+from softdimo_jax.runtime.artifacts import log
+from softdimo_jax.runtime.checkpointing import StaleStageError
 from softdimo_jax.runtime.trainer import format_seconds
 from softdimo_jax.sampling import codec
 from softdimo_jax.sampling.batching import class_ordered_labels, padded_label_batches
@@ -46,7 +47,7 @@ def tokenizer_stage(ctx: RunContext) -> None:
     batch_fn = digits.make_batch_fn(train_x, train_y, tcfg.batch_size, config.seed + SeedOffsets.TOKENIZER_BATCHES)
     model, params, _ = phases.train_tokenizer(
         config.tokenizer.model, tcfg, batch_fn, train_x.shape[1:], stage_dir, mesh=ctx.mesh,
-        seed=config.seed, keep=config.checkpoint.keep, config_json=fingerprint(config, "data", "tokenizer"),
+        seed=config.seed, keep=config.checkpoint.keep, config_json=ctx.identity("tokenizer", "data", "tokenizer"),
     )
     grid = train_x.shape[1] // model.downsample_factor
     train_tokens = codec.encode_dataset(model, params, train_x)
@@ -84,7 +85,7 @@ def teacher_stage(ctx: RunContext) -> None:
     state, _ = phases.train_teacher(
         model, tcfg, batch_fn, stage_dir, mesh=ctx.mesh, fsdp=config.mesh.fsdp > 1,
         seed=config.seed, keep=config.checkpoint.keep,
-        config_json=fingerprint(config, "data", "tokenizer", "teacher"),
+        config_json=ctx.identity("teacher", "data", "teacher", upstream=("tokenizer",)),
     )
     params = state["ema"] if (config.sampler.use_ema and "ema" in state) else state["params"]
     ctx.teacher = TeacherRun(model=model, params=params, state=state)
@@ -120,7 +121,7 @@ def classifier_stage(ctx: RunContext) -> None:
     test_x, test_y = ctx.data["test"]
     model, params, _ = train_classifier(
         config.classifier, train_x, train_y, stage_dir, mesh=ctx.mesh, seed=config.seed,
-        config_json=fingerprint(config, "data", "classifier"),
+        config_json=ctx.identity("classifier", "data", "classifier"),
     )
     ev = DigitsEvaluator(model, params, test_x, test_y, train_images=train_x,
                          pr_k=config.evaluation.pr_k, batch_size=config.evaluation.batch_size)
@@ -140,7 +141,7 @@ def classifier_stage(ctx: RunContext) -> None:
 
 def evaluate_teacher_stage(ctx: RunContext) -> None:
     config, stage_dir = ctx.config, ctx.stage_dir("evaluate_teacher")
-    fp = fingerprint(config, "seed", "data", "tokenizer", "teacher", "sampler", "classifier", "evaluation")
+    fp = ctx.identity("evaluate_teacher", "sampler", "evaluation", upstream=("teacher", "classifier"))
     rows = artifacts.load_rows(stage_dir, fp)
     if rows is not None:
         log(f"[evaluate_teacher] cached rows in {artifacts.rows_path(stage_dir)}")
@@ -171,7 +172,7 @@ def distill_stage(ctx: RunContext) -> None:
     dcfg, teacher, tok = config.distill, ctx.teacher, ctx.tokenizer
     t0 = time.time()
     result, distiller = phases.train_distill(dcfg, teacher.model, teacher.params, stage_dir, ctx.mesh,
-                                             fingerprint=fingerprint(config, "data", "tokenizer", "teacher", "distill"))
+                                             fingerprint=ctx.identity("distill", "distill", upstream=("teacher",)))
     ctx.record_time("distill_train", time.time() - t0)
     params = generator_params(result.state, dcfg.sample.use_ema)
     ctx.generators["distill"] = GeneratorRun(state=result.state, params=params)
@@ -233,10 +234,15 @@ def train_and_evaluate(config, workdir: str, stages: list[Stage] | None = None) 
     os.makedirs(workdir, exist_ok=True)
     ctx = make_context(config, workdir)
     t_all = time.time()
-    for stage in stages or STAGES:
+    stages = stages or STAGES
+    for i, stage in enumerate(stages):
         t0 = time.time()
         log(f"=== stage {stage.name} ===")
-        stage.fn(ctx)
+        try:
+            stage.fn(ctx)
+        except StaleStageError as e:
+            later = [ctx.stage_dir(s.name) for s in stages[i:] if os.path.isdir(ctx.stage_dir(s.name))]
+            raise StaleStageError(f"{e} (stage directories from here on: {' '.join(later)})") from e
         ctx.record_time(stage.name, time.time() - t0)
         log(f"=== stage {stage.name} done in {format_seconds(time.time() - t0)} ===")
     ctx.record_time("total", time.time() - t_all)

@@ -29,7 +29,7 @@ from softdimo_jax.data import digits
 from softdimo_jax.pipelines import phases
 from softdimo_jax.pipelines.context import GeneratorRun, RunContext, SeedOffsets
 from softdimo_jax.runtime import artifacts
-from softdimo_jax.runtime.artifacts import fingerprint, log
+from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.sampling.batching import class_ordered_labels, padded_label_batches
 from softdimo_jax.sampling.student import decode_images, sample_student_images
 from softdimo_jax.sampling.tteo import tteo_sampler_from_config
@@ -113,7 +113,7 @@ def train_gan(ctx: RunContext, stage_dir: str, gcfg, start_state, name: str):
     result = phases.train_refinement(
         name, refiner, init, (start_state, teacher_params), gcfg, stage_dir, batch_fn=batch_fn,
         frozen={"teacher": teacher_params}, keep=config.checkpoint.keep,
-        fingerprint=fingerprint(config, "distill", "gan", soft_mode=str(gcfg.soft_mode)))
+        fingerprint=ctx.identity(name, "data", "gan", upstream=("distill",), soft_mode=str(gcfg.soft_mode)))
     return result.state, refiner
 
 
@@ -126,7 +126,7 @@ def gan_stage(ctx: RunContext, name: str, soft_mode: str) -> None:
     ctx.record_time(f"{name}_train", time.time() - t0)
     params = generator_params(state.dimo, config.distill.sample.use_ema)
     ctx.generators[name] = GeneratorRun(state=state.dimo, params=params)
-    fp = fingerprint(config, "seed", "distill", "gan", "reward", "evaluation", soft_mode=soft_mode)
+    fp = ctx.identity(f"{name}@1", "reward", "evaluation", upstream=(name, "classifier"))
     refined_row(ctx, stage_dir, f"{name}@1", fp, params, refiner.mesh)
 
 
@@ -156,11 +156,11 @@ def reward_stage(ctx: RunContext) -> None:
     result = phases.train_refinement(
         "reward", refiner, refiner.init_state, (start.state,), rcfg, stage_dir, batch_fn=lambda step: None,
         frozen=frozen, keep=config.checkpoint.keep,
-        fingerprint=fingerprint(config, "distill", "gan", "reward", source=source))
+        fingerprint=ctx.identity("reward", "reward", upstream=(source,)))
     ctx.record_time("reward_train", time.time() - t0)
     params = generator_params(result.state, config.distill.sample.use_ema)
     ctx.generators["reward"] = GeneratorRun(state=result.state, params=params)
-    fp = fingerprint(config, "seed", "distill", "gan", "reward", "evaluation", source=source)
+    fp = ctx.identity("reward@1", "reward", "evaluation", upstream=("reward", "classifier"))
     refined_row(ctx, stage_dir, "reward@1", fp, params, refiner.mesh)
 
 
@@ -212,8 +212,8 @@ def tteo_stage(ctx: RunContext) -> None:
     config, stage_dir = ctx.config, ctx.stage_dir("tteo")
     steps_list = tuple(int(k) for k in config.tteo.eval_steps)
     source, _ = ctx.latest_generator(TTEO_SOURCES)
-    fp = fingerprint(config, "seed", "distill", "gan", "reward", "tteo", "evaluation",
-                     source=source, steps=list(steps_list))
+    fp = ctx.identity("tteo", "reward", "tteo", "evaluation", upstream=(source, "classifier"),
+                      steps=list(steps_list))
     rows = artifacts.load_rows(stage_dir, fp)
     if rows is None:
         rows = tteo_rows(ctx, steps_list, stage_dir)

@@ -13,16 +13,23 @@ tensorstore traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from softdimo_jax.runtime.artifacts import is_remote
+from softdimo_jax.runtime.errors import BadInput, RunFailure
 
 
-class CheckpointMismatchError(ValueError):
+class MissingCheckpointError(BadInput, FileNotFoundError):
+    """A stage's checkpoint that a later stage or command needs is not there."""
+
+
+class CheckpointMismatchError(BadInput):
     """A checkpoint on disk was made by a different config (model size, optimiser...)."""
 
 
@@ -59,6 +66,29 @@ def save(manager: "orbax.checkpoint.CheckpointManager", step: int, state: Any, m
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in an exception's chain (orbax wraps its threads' errors)."""
+    for _ in range(10):
+        if e is None:
+            return False
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def raise_if_disk_full(e: BaseException, directory: str | None, state: Any) -> None:
+    """A full disk as one line: where, and how much the state needs (orbax writes to a
+    temporary directory, so nothing half-written is taken as a checkpoint)."""
+    if not is_disk_full(e):
+        return
+    nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(state) if hasattr(x, "shape") and hasattr(x, "dtype"))
+    raise RunFailure(f"no space left on the device of {directory}: a checkpoint needs about "
+                     f"{nbytes / 2**20:.0f} MiB — free space there (or use another --workdir) and rerun; "
+                     "the run resumes from its last complete checkpoint") from e
 
 
 def _key_name(entry) -> str:
@@ -139,12 +169,78 @@ def load_latest_state(stage_dir: str, abstract_state=None, name: str = "stage"):
     try:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(
-                f"[{name}] no checkpoint in {checkpoint_dir(stage_dir)}; run that stage first"
+            raise MissingCheckpointError(
+                f"[{name}] no checkpoint in {checkpoint_dir(stage_dir)} — run that stage first"
             )
         if abstract_state is None:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
         return restore(manager, step, abstract_state, stage_dir, name)
+    finally:
+        manager.close()
+
+
+class StaleStageError(CheckpointMismatchError):
+    """A stage's checkpoint was made with other settings (or from other upstream stages)."""
+
+
+# Set by the main command's --retrain_stale: a stale stage is retrained instead of refused.
+RETRAIN_STALE = {"enabled": False}
+
+
+def identity_diffs(a, b, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(path, old, new) for every leaf where two JSON identities differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += identity_diffs(a.get(k), b.get(k), f"{path}{k}.")
+        return out
+    return [] if a == b else [(path[:-1] or "<root>", a, b)]
+
+
+def _short(value: Any, limit: int = 48) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: str, name: str) -> list[str]:
+    """Raises StaleStageError unless the stored identity equals `identity`, up to a longer
+    run of this very stage (its own num_steps raised: resume and extend).
+
+    A stage that never finished (stopped, killed, diverged) may continue with changes to
+    its own settings only (e.g. a lower learning rate after a divergence): the changes
+    are returned for a warning. Upstream changes and finished stages are refused."""
+    if identity is None or not isinstance(meta, dict) or "config" not in meta:
+        return []  # no identity recorded (tests, old checkpoints): the shape check still runs
+    now = json.loads(json.dumps(identity))
+    stored_target = meta.get("num_steps", meta.get("step"))
+    changed, upstream = [], False
+    for path, old, new in identity_diffs(meta["config"], now):
+        extends = (path.rsplit(".", 1)[-1] == "num_steps" and not path.startswith("upstream.")
+                   and isinstance(old, int) and old == stored_target and new == num_steps and new > old)
+        if not extends:
+            changed.append(f"{path}: {_short(old)} -> {_short(new)}")
+            upstream = upstream or path.startswith("upstream.")
+    finished = isinstance(stored_target, int) and isinstance(meta.get("step"), int) and meta["step"] >= stored_target
+    if changed and not upstream and not finished:
+        return changed
+    if changed:
+        raise StaleStageError(
+            f"[{name}] the checkpoint in {checkpoint_dir(stage_dir)} was made with other settings or from "
+            f"other upstream stages ({len(changed)} differ: {'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}) — delete the stage directory {os.path.abspath(stage_dir)} (and "
+            "the stage directories after it) to retrain, rerun with --retrain_stale to retrain them, or restore "
+            "the settings"
+        )
+    return []
+
+
+def stored_identity(stage_dir: str) -> Any:
+    """The identity stored with a stage's latest checkpoint (None when it has none)."""
+    manager = open_manager(stage_dir)
+    try:
+        step = manager.latest_step()
+        meta = None if step is None else read_meta(manager, step)
+        return meta.get("config") if isinstance(meta, dict) else None
     finally:
         manager.close()
 

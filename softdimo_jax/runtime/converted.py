@@ -6,6 +6,10 @@ A converted checkpoint is a directory with `params/` (orbax, {'params': ...}) an
 `load_converted(DST)` returns (model, params) and refuses a checkpoint whose stored config
 differs from the module asked for, or whose arrays do not fit it.
 
+Writing never destroys data: the new checkpoint is written beside DST and swapped in only
+when complete, and `overwrite` replaces only a directory that is itself a converted
+checkpoint (model.json + params/, nothing else).
+
 Families live in `FAMILIES` (name -> Family with lazily imported "module:attr" strings):
 loading a tokenizer does not import every other family's model and converter.
 """
@@ -24,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.conversion.state_dict import check_params_match
-from softdimo_jax.runtime.checkpointing import orbax
+from softdimo_jax.runtime.checkpointing import is_disk_full, orbax
+from softdimo_jax.runtime.errors import BadInput, RunFailure
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "model.json"
@@ -35,8 +40,12 @@ PARAMS_DIR = "params"
 RUNTIME_FIELDS = frozenset({"dtype", "remat", "dropout"})
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(BadInput):
     """A converted checkpoint was made for a module of another configuration."""
+
+
+class NotConvertedError(BadInput, FileNotFoundError):
+    """A path that should hold a converted checkpoint does not."""
 
 
 def _resolve(spec: str) -> Any:
@@ -226,21 +235,54 @@ def family_of(model) -> str:
         mod, attr = fam.module.split(":")
         if type(model).__name__ == attr and type(model).__module__ == mod:
             return name
-    raise ValueError(f"no registered family for {type(model).__name__}")
+    raise BadInput(f"no registered family for {type(model).__name__} — use one of {sorted(FAMILIES)}")
 
 
 # ------------------------------------------------------------------ save / load
 
 
-def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False) -> None:
-    """Writes `params` of `model` as a converted checkpoint directory (see module docstring)."""
+class ExistsError(BadInput, FileExistsError):
+    """The destination exists and --overwrite was not given."""
+
+
+def check_replaceable(path: str, *, overwrite: bool, source: str = "") -> None:
+    """Refuses to write over `path` unless it is absent, or `overwrite` and it is a converted
+    checkpoint (model.json + params/ and nothing else) that does not hold `source`."""
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    os.makedirs(path)
+    if source:
+        src = os.path.abspath(source)
+        if src == path or src.startswith(path + os.sep):
+            raise BadInput(f"the destination {path} holds the source {source} — write the converted "
+                           "checkpoint to another directory")
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ExistsError(f"{path} exists — pass --overwrite to replace it (only a converted "
+                          "checkpoint is ever replaced) or choose another destination")
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise BadInput(f"--overwrite refused: {path} is not a directory — only a converted checkpoint "
+                       "directory is replaced; remove it yourself or choose another destination")
+    extra = sorted(set(os.listdir(path)) - {CONFIG_FILE, PARAMS_DIR})
+    try:
+        read_meta(path)
+    except (BadInput, OSError, ValueError):
+        extra = extra or [f"(no valid {CONFIG_FILE})"]
+    if extra:
+        raise BadInput(f"--overwrite refused: {path} is not a converted checkpoint (it holds "
+                       f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}) — remove it yourself "
+                       "or choose another destination")
+
+
+def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False) -> None:
+    """Writes `params` of `model` as a converted checkpoint directory (see module docstring).
+
+    The checkpoint is written to a sibling directory and renamed into place when complete;
+    an existing one (see `check_replaceable`) is removed only after that.
+    """
+    path = os.path.abspath(path)
+    check_replaceable(path, overwrite=overwrite, source=source)
     count = int(sum(np.size(x) for x in _leaves(params)))
+    nbytes = int(sum(np.asarray(x).nbytes for x in _leaves(params)))
     meta = {
         "format": FORMAT_VERSION,
         "family": family,
@@ -248,24 +290,52 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
         "source": os.path.basename(source),
         "param_count": count,
     }
-    ckpt = orbax().StandardCheckpointer()
-    ckpt.save(os.path.join(path, PARAMS_DIR), {"params": params})
-    ckpt.wait_until_finished()
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    parent = os.path.dirname(path)
+    tmp = f"{path}.partial-{os.getpid()}"
+    old = f"{path}.replaced-{os.getpid()}"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ckpt = orbax().StandardCheckpointer()
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), {"params": params})
+        ckpt.wait_until_finished()
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise RunFailure(f"no space left writing {path}: the checkpoint needs about "
+                             f"{nbytes / 2**20:.1f} MiB in {parent} — free space there or choose "
+                             "another destination (nothing was replaced)") from e
+        if isinstance(e, PermissionError):
+            raise BadInput(f"cannot write {path} ({e.strerror}) — choose a writable destination") from e
+        raise
+    if os.path.lexists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 
 
 def read_meta(path: str) -> dict:
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(
-            f"{path} is not a converted checkpoint (no {CONFIG_FILE}); create one with "
+        raise NotConvertedError(
+            f"{path} is not a converted checkpoint (no {CONFIG_FILE}) — create one with "
             "python -m softdimo_jax.convert"
         )
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_VERSION or meta.get("family") not in FAMILIES:
-        raise ValueError(f"{cfg_path}: unknown format {meta.get('format')} / family {meta.get('family')!r}")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotConvertedError(f"{cfg_path} is unreadable ({e}) — re-create the checkpoint with "
+                                "python -m softdimo_jax.convert") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or meta.get("family") not in FAMILIES:
+        fmt, fam = (meta.get("format"), meta.get("family")) if isinstance(meta, dict) else (None, None)
+        raise NotConvertedError(f"{cfg_path}: unknown format {fmt} / family {fam!r} — re-create the "
+                                "checkpoint with python -m softdimo_jax.convert")
     return meta
 
 
@@ -282,7 +352,7 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
     stored = meta["config"]
     bad = sorted(set(runtime_overrides) - RUNTIME_FIELDS)
     if bad:
-        raise ValueError(f"only {sorted(RUNTIME_FIELDS)} may be overridden at load time, not {bad}")
+        raise BadInput(f"only {sorted(RUNTIME_FIELDS)} may be overridden at load time, not {bad}")
     if model is None:
         model = fam.build({**stored, **{k: config_value_to_json(v) for k, v in runtime_overrides.items()}})
     else:
@@ -295,8 +365,13 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
         if diff:
             lines = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs module {want.get(k)!r}" for k in diff)
             raise ConfigMismatchError(f"{path} was converted for another config ({lines})")
-    restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
-    params = restored["params"]
+    try:
+        restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
+        params = restored["params"]
+    except Exception as e:  # orbax / tensorstore errors on a missing or damaged params/
+        raise NotConvertedError(f"{path}/{PARAMS_DIR} cannot be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:160]}) — re-create the checkpoint with "
+                                "python -m softdimo_jax.convert") from e
     expected = _expected_params(model)
     check_params_match(params, expected, name=path)
     params = jax.tree.map(lambda x: np.asarray(x), params)

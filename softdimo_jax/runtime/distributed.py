@@ -35,9 +35,13 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def run_absl(main: Callable[[list[str]], int | None]) -> None:
+def run_absl(main: Callable[[list[str]], int | None], flags_parser: Callable | None = None) -> None:
     """The entry of every absl command: quiet TensorFlow, distributed init, then app.run.
-    Flags must be defined before this is called."""
+    Flags must be defined before this is called; `flags_parser` as in app.run (a command
+    that parsed its flags already hands back the result)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     maybe_initialize_distributed()
-    app.run(main)
+    if flags_parser is None:
+        app.run(main)
+    else:
+        app.run(main, flags_parser=flags_parser)

@@ -33,7 +33,11 @@ What the Trainer owns:
 - clu metric writers (TensorBoard, `<stage_dir>/tb`); only process 0 writes;
 - the non-finite guard: metrics are pulled to the host at every log and before every save;
   a NaN/inf loss stops the run with `NonFiniteLossError` naming the step, and no checkpoint
-  is written after the last finite step (the last good one stays on disk);
+  is written after the last finite step (the last good one stays on disk). The state
+  itself is checked too, before every save and before a run reports itself complete: a
+  non-finite floating array, or one whose magnitude passed `max_abs_state` (a learning
+  rate that blew up), stops the run the same way — nothing bad is ever saved;
+- a full disk while saving is one line naming the checkpoint directory and the state's size;
 - progress lines with rate and ETA;
 - `wait_until_finished()` before returning, so no save is lost at exit.
 
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from typing import Any, Callable
 
@@ -61,10 +66,16 @@ from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
+from softdimo_jax.runtime.errors import BadInput, RunFailure
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+class NonFiniteLossError(RunFailure):
+    """The loss or the state became NaN / inf / exploding; the last good checkpoint is kept."""
+
+
+# Beyond this a trained array has blown up (weights live near 1, Adam's second moments
+# near gradient², far below); a diverged learning rate gives 1e29-1e38.
+MAX_ABS_STATE = 1e12
 
 
 @dataclasses.dataclass
@@ -130,6 +141,8 @@ class Trainer:
       init_args: extra jit arguments of init_fn (see the module docstring).
       compiler_options: XLA compiler options of the jitted step (e.g. the memory-optimised
         XLA:CPU schedule the distillation benchmark measures).
+      max_abs_state: the largest magnitude a floating array of the state may hold before
+        the run counts as diverged (see the module docstring).
     """
 
     def __init__(
@@ -152,6 +165,7 @@ class Trainer:
         async_checkpointing: bool = True,
         init_args: tuple = (),
         compiler_options: dict | None = None,
+        max_abs_state: float = MAX_ABS_STATE,
     ):
         self.name = name
         self.stage_dir = stage_dir
@@ -169,6 +183,8 @@ class Trainer:
 
         self.init_args = tuple(init_args)
         self.compiler_options = compiler_options
+        self.max_abs_state = float(max_abs_state)
+        self._state_stats = None
         self.state_shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(self.seed), *self.init_args)
         self.state_shardings = meshlib.params_shardings(self.mesh, self.state_shapes, self.fsdp)
         self.frozen = self._place(frozen)
@@ -203,9 +219,9 @@ class Trainer:
             sharding = meshlib.batch_sharding(self.mesh, x.ndim)
             global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
             if global_shape[0] % self.mesh.size:
-                raise ValueError(
+                raise BadInput(
                     f"[{self.name}] global batch {global_shape[0]} is not divisible by the "
-                    f"{self.mesh.size} devices of the mesh; choose a multiple of {self.mesh.size}"
+                    f"{self.mesh.size} devices of the mesh — choose a multiple of {self.mesh.size}"
                 )
             return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
@@ -248,17 +264,68 @@ class Trainer:
             self.manager, step, self.abstract_state(), self.stage_dir, self.name, self.config_json
         )
 
+    def _identity_ok(self, step: int) -> bool:
+        """The stored identity matches (or the run extends): True. A stale checkpoint is
+        refused (StaleStageError), or with --retrain_stale removed: False."""
+        meta = checkpointing.read_meta(self.manager, step)
+        try:
+            changed = checkpointing.check_identity(meta, self.config_json, self.num_steps, self.stage_dir, self.name)
+            if changed:
+                log(f"[{self.name}] warning: continuing the unfinished run at step {step} with changed "
+                    f"settings: {'; '.join(changed[:6])}")
+            return True
+        except checkpointing.StaleStageError as e:
+            if not checkpointing.RETRAIN_STALE["enabled"] or artifacts.is_remote(self.checkpoint_dir):
+                raise
+            log(f"[{self.name}] retraining: {e}")
+            self._manager.close()
+            self._manager = None
+            shutil.rmtree(self.checkpoint_dir)
+            return False
+
+    def check_state(self, state, step: int, last_good_saved: int | None) -> None:
+        """Raises NonFiniteLossError if a floating array of `state` is non-finite or beyond
+        `max_abs_state` (one jitted reduction; the arrays stay on device)."""
+        flat = jax.tree_util.tree_flatten_with_path(state)[0]
+        named = [(jax.tree_util.keystr(p), x) for p, x in flat
+                 if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+        if not named:
+            return
+        if self._state_stats is None:
+            self._state_stats = jax.jit(lambda xs: jnp.stack(
+                [jnp.where(jnp.all(jnp.isfinite(x)), jnp.max(jnp.abs(x.astype(jnp.float32))), jnp.inf) for x in xs]))
+        peaks = np.asarray(jax.device_get(self._state_stats([x for _, x in named])))
+        bad = [(n, float(v)) for (n, _), v in zip(named, peaks) if not v <= self.max_abs_state]
+        if not bad:
+            return
+        shown = ", ".join(f"{n} (max |x| {v:.3g})" for n, v in bad[:3])
+        raise NonFiniteLossError(
+            f"[{self.name}] the state diverged by step {step}: {len(bad)} arrays are non-finite or beyond "
+            f"{self.max_abs_state:.0e}, e.g. {shown}; stopped without saving it; {self._kept(last_good_saved)} — "
+            "lower the learning rate (or check the inputs), then rerun to resume from that checkpoint")
+
+    def _kept(self, last_good_saved: int | None) -> str:
+        if last_good_saved is not None and self.manager is not None:
+            return f"the last good checkpoint (step {last_good_saved}) is kept in {self.checkpoint_dir}"
+        return "no checkpoint was written"
+
     def save(self, step: int, state) -> None:
         if self.manager is None:
             return
-        meta = {"step": int(step), "stage": self.name, "config": self.config_json}
-        checkpointing.save(self.manager, step, state, meta)
+        meta = {"step": int(step), "stage": self.name, "config": self.config_json, "num_steps": self.num_steps}
+        try:
+            checkpointing.save(self.manager, step, state, meta)
+        except Exception as e:
+            checkpointing.raise_if_disk_full(e, self.checkpoint_dir, state)
+            raise
 
     # ----------------------------------------------------------------- loop
     def run(self) -> TrainResult:
         start = 0
         resumed = None
         latest = self.latest_step()
+        if latest is not None and not self._identity_ok(latest):
+            latest = None  # retrained: the stale checkpoints were removed
         if latest is not None:
             state = self.restore(latest)
             start = resumed = int(latest)
@@ -310,6 +377,9 @@ class Trainer:
                         f"[{self.name}] step {done}/{self.num_steps} {shown} "
                         f"({rate:.1f} it/s, ETA {format_seconds(eta)})"
                     )
+                if want_save or is_last:
+                    # Never save, nor report complete, a state that diverged.
+                    self.check_state(state, done, last_good_saved)
                 if want_save:
                     self.save(done, state)
                     last_good_saved = done
@@ -325,23 +395,23 @@ class Trainer:
                 raise KeyError(f"[{self.name}] step_fn must return a 'loss' metric; got {sorted(m)}")
             bad = [k for k, v in m.items() if not np.all(np.isfinite(v))]
             if bad:
-                kept = (
-                    f"the last good checkpoint (step {last_good_saved}) is kept in {self.checkpoint_dir}"
-                    if last_good_saved is not None and self.manager is not None
-                    else "no checkpoint was written"
-                )
                 raise NonFiniteLossError(
                     f"[{self.name}] non-finite {', '.join(bad)} at step {s + 1} "
-                    f"(loss={float(m['loss'])}); stopped; {kept}. Lower the learning rate or "
-                    "check the inputs, then rerun to resume from that checkpoint."
+                    f"(loss={float(m['loss'])}); stopped; {self._kept(last_good_saved)} — lower the "
+                    "learning rate or check the inputs, then rerun to resume from that checkpoint"
                 )
         return [m for _, m in host]
 
     def close(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
-            self._manager.close()
-            self._manager = None
+            try:
+                self._manager.wait_until_finished()  # an asynchronous save's error lands here
+            except Exception as e:
+                checkpointing.raise_if_disk_full(e, self.checkpoint_dir, self.state_shapes)
+                raise
+            finally:
+                self._manager.close()
+                self._manager = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
