@@ -61,6 +61,11 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clip_text": ("penultimate", "pooled", "text_guidance"),
     "maskgit_transformer": ("logits",),
     "taming_vqgan": ("encoder_h", "indices", "decoded", "soft_latents", "decoded_soft"),
+    "blip": ("image_embeds", "text_last_hidden_state", "text_cls_feature", "mlp_raw", "reward"),
+    "openclip": ("image_features", "text_features", "logits_per_image", "hps_score"),
+    "hfclip": ("image_embeds", "text_embeds", "text_last_hidden_state", "logits_per_image", "pickscore"),
+    "meissonic_transformer": ("logits", "cfg_logits", "dimo_perturb_logits"),
+    "meissonic_vqvae": ("encoder_latents", "indices", "reconstructed", "decoded", "decoded_soft"),
 }
 
 # Max abs error allowed per kind of output (issue targets).
