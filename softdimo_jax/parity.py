@@ -42,6 +42,7 @@ FAMILIES: dict[str, str] = {
     "blip": "softdimo_jax.parity_checks.blip:check_blip",
     "meissonic_transformer": "softdimo_jax.parity_checks.meissonic:check_transformer",
     "meissonic_vqvae": "softdimo_jax.parity_checks.meissonic:check_vqvae",
+    "meissonic_text": "softdimo_jax.parity_checks.meissonic:check_text",
     "openclip": "softdimo_jax.parity_checks.clip:check_openclip",
     "hfclip": "softdimo_jax.parity_checks.clip:check_hfclip",
 }

@@ -23,6 +23,7 @@ import numpy as np
 from softdimo_jax.conversion.maskgen import openclip_resblock_params, openclip_text_params
 from softdimo_jax.conversion.state_dict import ConversionError, StrictStateDict, check_params_match
 from softdimo_jax.models.clip import CLIP, clip_expected_params, clip_text_tower
+from softdimo_jax.models.clip_text import ClipTextTransformer
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -125,6 +126,24 @@ def _hf_layer(s: StrictStateDict, pre: str, w: int, mlp_ratio: float) -> dict:
     }
 
 
+def hf_text_params(s: StrictStateDict, tower: ClipTextTransformer, prefix: str = "text_model.",
+                   projection: str = "text_projection.weight") -> dict:
+    """transformers `CLIPTextTransformer` keys under `prefix` + the (bias-free) projection ->
+    params of a ClipTextTransformer (CLIPModel's text side, CLIPTextModelWithProjection).
+    The legacy `embeddings.position_ids` buffer is skipped."""
+    tw = tower.width
+    text = {
+        "token_embedding": {"embedding": _take(s, prefix + "embeddings.token_embedding.weight", (tower.vocab_size, tw))},
+        "positional_embedding": _take(s, prefix + "embeddings.position_embedding.weight", (tower.context_length, tw)),
+        "ln_final": _norm(s, prefix + "final_layer_norm", tw),
+        "text_projection": _take(s, projection, (tower.embed_dim, tw), _lin_t),
+    }
+    for i in range(tower.layers):
+        text[f"resblocks_{i}"] = _hf_layer(s, f"{prefix}encoder.layers.{i}.", tw, tower.mlp_ratio)
+    s.skip(prefix + "embeddings.position_ids")
+    return text
+
+
 def convert_hfclip(sd: Mapping[str, np.ndarray], model: CLIP, *, name: str = "hfclip") -> dict:
     """transformers `CLIPModel` state dict -> params of `model` (strict)."""
     s = StrictStateDict(sd, name=name)
@@ -143,17 +162,9 @@ def convert_hfclip(sd: Mapping[str, np.ndarray], model: CLIP, *, name: str = "hf
     }
     for i in range(model.vision_layers):
         visual[f"resblocks_{i}"] = _hf_layer(s, f"{vm}encoder.layers.{i}.", w, model.vision_mlp_ratio)
-    tw, tm = model.text_width, "text_model."
-    text = {
-        "token_embedding": {"embedding": _take(s, tm + "embeddings.token_embedding.weight", (model.vocab_size, tw))},
-        "positional_embedding": _take(s, tm + "embeddings.position_embedding.weight", (model.context_length, tw)),
-        "ln_final": _norm(s, tm + "final_layer_norm", tw),
-        "text_projection": _take(s, "text_projection.weight", (e, tw), _lin_t),
-    }
-    for i in range(model.text_layers):
-        text[f"resblocks_{i}"] = _hf_layer(s, f"{tm}encoder.layers.{i}.", tw, model.text_mlp_ratio)
+    text = hf_text_params(s, clip_text_tower(model))
     params = {"visual": visual, "text": text, "logit_scale": _take(s, "logit_scale", ())}
-    s.skip(tm + "embeddings.position_ids", vm + "embeddings.position_ids")  # legacy buffers
+    s.skip(vm + "embeddings.position_ids")  # legacy buffer
     s.finish()
     check_params_match(params, clip_expected_params(model), name=name)
     return params

@@ -1,5 +1,7 @@
 """Meissonic's diffusers-format checkpoints -> Flax params: the `transformer/` and `vqvae/`
-folders (config.json + diffusion_pytorch_model.safetensors or .bin).
+folders (config.json + diffusion_pytorch_model.safetensors or .bin) and the `text_encoder/`
+folder (transformers' CLIPTextModelWithProjection: config.json + model.safetensors or
+pytorch_model.bin; key mapping shared with `conversion.clip.hf_text_params`).
 
 The architecture is read from config.json (`meissonic_transformer_config_from_json`,
 `meissonic_vq_config_from_json`), never guessed; a config of another class is refused in
@@ -23,14 +25,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from softdimo_jax.conversion.clip import hf_text_params
 from softdimo_jax.conversion.state_dict import ConversionError, StrictStateDict, check_params_match, load_state_dict
 from softdimo_jax.models.meissonic import TRANSFORMER_FIELDS, MeissonicTransformer, transformer_expected_params
+from softdimo_jax.models.meissonic_text import MeissonicTextEncoder, meissonic_text_expected_params
 from softdimo_jax.models.meissonic_vq import MeissonicVQModel, vq_expected_params
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Meissonic's own class shares diffusers' name; accept a renamed copy too.
 TRANSFORMER_CLASSES = ("Transformer2DModel", "MeissonicTransformer2DModel")
 VQ_CLASSES = ("VQModel",)
+TEXT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _f32(a):
@@ -124,7 +129,7 @@ def _transformer_rule(path: tuple, shape: tuple):
 _PARTS = (
     ("mlm_layer.", "Meissonic's transformer (transformer/)", "--model meissonic_transformer"),
     ("encoder.down_blocks.", "a diffusers VQModel (vqvae/)", "--model meissonic_vqvae"),
-    ("text_model.encoder.layers.", "a CLIP text encoder (text_encoder/)", "a text-encoder family"),
+    ("text_model.encoder.layers.", "a CLIP text encoder (text_encoder/)", "--model meissonic_text"),
 )
 
 
@@ -215,6 +220,25 @@ def convert_meissonic_vq(sd: Mapping[str, np.ndarray], model: MeissonicVQModel, 
     return params
 
 
+# --- text encoder ---------------------------------------------------------------------------
+def convert_meissonic_text(sd: Mapping[str, np.ndarray], model: MeissonicTextEncoder, *,
+                           name: str = "Meissonic text encoder") -> dict:
+    """transformers `CLIPTextModelWithProjection` state dict -> params of `model` (strict)."""
+    if any(k.startswith("vision_model.") for k in sd):
+        raise ConversionError(f"{name} is a full CLIPModel (vision_model.* keys), not a CLIPTextModelWithProjection"
+                              " — convert it with --model hfclip")
+    _refuse_other_part(sd, name, "a CLIP text encoder checkpoint", "text_model.encoder.layers.")
+    layers = len(_indices(sd, "text_model.encoder.layers."))
+    if layers != model.layers:
+        raise ConversionError(f"{name} holds {layers} text layers, the config asks for {model.layers} — use the "
+                              "config.json that came with these weights")
+    s = StrictStateDict(sd, name=name)
+    params = hf_text_params(s, model)
+    s.finish()
+    check_params_match(params, meissonic_text_expected_params(model), name=name)
+    return params
+
+
 # --- config.json ----------------------------------------------------------------------------
 def _check_class(cfg: Mapping[str, Any], allowed: tuple, what: str, path: str, hint: str) -> None:
     cls = cfg.get("_class_name")
@@ -267,11 +291,56 @@ def meissonic_vq_config_from_json(cfg: Mapping[str, Any], path: str = "config.js
     return out
 
 
-def read_folder(folder: str, from_json: Callable[[Mapping[str, Any], str], dict]) -> tuple[dict, str]:
+_TEXT_HINT = "pass Meissonic's text_encoder/ folder with --model meissonic_text"
+
+
+def meissonic_text_config_from_json(cfg: Mapping[str, Any], path: str = "config.json") -> dict:
+    """Module fields of MeissonicTextEncoder from text_encoder/config.json (transformers'
+    CLIPTextConfig of a CLIPTextModelWithProjection)."""
+    if "_class_name" in cfg:
+        raise ConversionError(f"{path} describes a {cfg['_class_name']}, not a CLIP text encoder — {_TEXT_HINT}")
+    if cfg.get("model_type") == "clip" or "text_config" in cfg:
+        raise ConversionError(f"{path} describes a full CLIPModel (image + text), not a CLIPTextModelWithProjection"
+                              " — convert it with --model hfclip")
+    archs = list(cfg.get("architectures") or [])
+    if archs and "CLIPTextModelWithProjection" not in archs:
+        raise ConversionError(f"{path} describes a {'/'.join(archs)}, not a CLIPTextModelWithProjection (Meissonic "
+                              "needs the text projection) — " + _TEXT_HINT)
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "projection_dim")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ConversionError(f"{path} lacks {', '.join(missing)} — it is not a CLIP text config; {_TEXT_HINT}")
+    act = cfg.get("hidden_act", "quick_gelu")  # transformers' CLIPTextConfig default
+    if act not in ("gelu", "quick_gelu"):
+        raise ConversionError(f"{path}: hidden_act={act!r} is not implemented — expected 'gelu' or 'quick_gelu'")
+    width, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    eos = int(cfg.get("eos_token_id", 2))
+    out = dict(
+        vocab_size=int(cfg.get("vocab_size", 49408)),
+        context_length=int(cfg.get("max_position_embeddings", 77)),
+        width=width,
+        heads=int(cfg["num_attention_heads"]),
+        layers=int(cfg["num_hidden_layers"]),
+        embed_dim=int(cfg["projection_dim"]),
+        quick_gelu=act == "quick_gelu",
+        # transformers: eos_token_id 2 is the legacy configs' marker -> pool at argmax(ids).
+        pool_type="argmax" if eos == 2 else "eos",
+        eos_id=49407 if eos == 2 else eos,
+        ln_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        mlp_ratio=inter / width,
+    )
+    if int(round(width * out["mlp_ratio"])) != inter:
+        raise ConversionError(f"{path}: intermediate_size {inter} is not representable as a ratio of {width}")
+    return out
+
+
+def read_folder(folder: str, from_json: Callable[[Mapping[str, Any], str], dict],
+                weight_files: tuple = WEIGHT_FILES) -> tuple[dict, str]:
     """(module fields from config.json, path of the weights file) of a diffusers folder."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ConversionError(f"{folder} has no config.json — pass the diffusers folder (transformer/ or vqvae/)")
+        raise ConversionError(f"{folder} has no config.json — pass the diffusers folder (transformer/, vqvae/ "
+                              "or text_encoder/)")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
@@ -280,10 +349,10 @@ def read_folder(folder: str, from_json: Callable[[Mapping[str, Any], str], dict]
     if not isinstance(cfg, dict):
         raise ConversionError(f"{cfg_path} is not a JSON object — re-download the folder")
     fields = from_json(cfg, cfg_path)
-    for name in WEIGHT_FILES:
+    for name in weight_files:
         if os.path.isfile(os.path.join(folder, name)):
             return fields, os.path.join(folder, name)
-    raise ConversionError(f"{folder} holds no {' or '.join(WEIGHT_FILES)} — download the weights next to config.json")
+    raise ConversionError(f"{folder} holds no {' or '.join(weight_files)} — download the weights next to config.json")
 
 
 def transformer_folder(folder: str) -> tuple[dict, str]:
@@ -292,6 +361,10 @@ def transformer_folder(folder: str) -> tuple[dict, str]:
 
 def vq_folder(folder: str) -> tuple[dict, str]:
     return read_folder(folder, meissonic_vq_config_from_json)
+
+
+def text_folder(folder: str) -> tuple[dict, str]:
+    return read_folder(folder, meissonic_text_config_from_json, TEXT_WEIGHT_FILES)
 
 
 def load_meissonic_transformer(folder: str, **overrides) -> tuple[MeissonicTransformer, dict]:
@@ -325,3 +398,13 @@ def meissonic_vq_defaults(bits: int | None = None) -> dict:
         raise ValueError("--bits does not apply to meissonic_vqvae")
     m = MeissonicVQModel()
     return {f: list(getattr(m, f)) if isinstance(getattr(m, f), tuple) else getattr(m, f) for f in _VQ_FIELDS}
+
+
+def meissonic_text_defaults(bits: int | None = None) -> dict:
+    """Module fields of the CLIP-ViT-H-14 text encoder (config.json wins when given)."""
+    if bits is not None:
+        raise ValueError("--bits does not apply to meissonic_text")
+    m = MeissonicTextEncoder()
+    return dict(vocab_size=m.vocab_size, context_length=m.context_length, width=m.width, heads=m.heads,
+                layers=m.layers, embed_dim=m.embed_dim, quick_gelu=m.quick_gelu, pool_type=m.pool_type,
+                eos_id=m.eos_id, ln_eps=m.ln_eps, mlp_ratio=m.mlp_ratio)

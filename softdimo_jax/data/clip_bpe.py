@@ -10,7 +10,7 @@ whitespace, strip, lowercase) -> split into pre-tokens with CLIP's pattern (spec
 the contractions 's 't 're 've 'm 'll 'd, runs of letters, single numeric characters, runs of
 other non-space characters) -> UTF-8 bytes mapped to printable characters -> BPE merges by
 rank -> ids. `tokenize` wraps each caption as [start] + ids + [end], truncates to the
-context length keeping [end] last, and pads with 0.
+context length keeping [end] last, and pads with 0 (or, `pad='eot'`, with [end]).
 
 Differences from the original: the pre-tokenizer classifies characters with `unicodedata`
 (letters = categories L*, numbers = N*, whitespace = str.isspace) instead of the `regex`
@@ -209,11 +209,16 @@ class ClipBPETokenizer:
         data = bytearray(self.byte_decoder[c] for c in text if c in self.byte_decoder)
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None, *,
+                 pad: str = "zero") -> np.ndarray:
+        """pad: "zero" pads with id 0 (open_clip.tokenize); "eot" pads with the end token
+        (transformers' CLIPTokenizer with padding='max_length', as Meissonic calls it)."""
+        if pad not in ("zero", "eot"):
+            raise ValueError(f"pad must be 'zero' or 'eot', got {pad!r}")
         if isinstance(texts, str):
             texts = [texts]
         n_ctx = context_length or self.context_length
-        out = np.zeros((len(texts), n_ctx), np.int32)
+        out = np.full((len(texts), n_ctx), self.eot_id if pad == "eot" else 0, np.int32)
         for row, text in enumerate(texts):
             ids = [self.sot_id] + self.encode(text) + [self.eot_id]
             if len(ids) > n_ctx:

@@ -143,10 +143,8 @@ class ClipTextTransformer(nn.Module):
             "text_projection", nn.initializers.normal(self.width ** -0.5), (self.width, self.embed_dim)
         )
 
-    def __call__(self, ids, attention_mask=None) -> ClipTextOutput:
-        """ids (B, T) with T = context_length (T ≤ context_length when variable_length);
-        attention_mask: optional (B, T), 1 up to and including the end token (HF's padding
-        mask on top of the causal one; it changes only the padded positions' outputs)."""
+    def embed(self, ids):
+        """Token + position embeddings (B, T, W) of ids (checked as in `__call__`)."""
         ids = jnp.asarray(ids, jnp.int32)
         t = ids.shape[-1] if ids.ndim == 2 else -1
         if ids.ndim != 2 or not (t == self.context_length or (self.variable_length and 0 < t <= self.context_length)):
@@ -154,7 +152,15 @@ class ClipTextTransformer(nn.Module):
                 f"ids must be (B, {self.context_length}) token ids, got shape {ids.shape}"
                 " — tokenize with the model's context length"
             )
-        x = (self.token_embedding(ids) + self.positional_embedding[:t]).astype(self.dtype)
+        return (self.token_embedding(ids) + self.positional_embedding[:t]).astype(self.dtype)
+
+    def __call__(self, ids, attention_mask=None) -> ClipTextOutput:
+        """ids (B, T) with T = context_length (T ≤ context_length when variable_length);
+        attention_mask: optional (B, T), 1 up to and including the end token (HF's padding
+        mask on top of the causal one; it changes only the padded positions' outputs)."""
+        x = self.embed(ids)
+        ids = jnp.asarray(ids, jnp.int32)
+        t = ids.shape[-1]
         for blk in self.resblocks[:-1]:
             x = blk(x, attention_mask)
         penultimate = x

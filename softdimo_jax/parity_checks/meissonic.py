@@ -1,6 +1,8 @@
 """Parity checks for Meissonic: `meissonic_transformer` (forward, CFG, intermediate
 activations, Di[M]O's perturbed-embedding call, the generation replay through the
-pipeline + scheduler) and `meissonic_vqvae` (encode, quantise, decode ids, decode soft).
+pipeline + scheduler), `meissonic_vqvae` (encode, quantise, decode ids, decode soft) and
+`meissonic_text` (the CLIP text encoder as Meissonic calls it, ids padded with the end token
+and with 0, and the BPE tokenizer with Meissonic's end-token padding).
 
 The modules are built from the fixture's `cfg.config` (the constructor arguments, i.e. the
 config.json fields) through the same config reader the converter uses; `sd/` goes through
@@ -9,13 +11,18 @@ the real converter. NCHW <-> NHWC only at this boundary. Matmuls at full float32
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softdimo_jax.conversion.meissonic import (convert_meissonic_transformer, convert_meissonic_vq,
+from softdimo_jax.conversion.meissonic import (convert_meissonic_text, convert_meissonic_transformer,
+                                               convert_meissonic_vq, meissonic_text_config_from_json,
                                                meissonic_transformer_config_from_json, meissonic_vq_config_from_json)
+from softdimo_jax.data.clip_bpe import ClipBPETokenizer, default_merges_path
 from softdimo_jax.models.meissonic import MeissonicTransformer, guided_logits, image_ids
+from softdimo_jax.models.meissonic_text import MeissonicTextEncoder, meissonic_text_embeddings, meissonic_text_encode
 from softdimo_jax.models.meissonic_vq import MeissonicVQModel
 from softdimo_jax.parity import Check, Fixture, compare
 from softdimo_jax.sampling.meissonic_sampler import meissonic_generate, temperatures
@@ -42,6 +49,35 @@ def build_transformer(cfg: dict) -> MeissonicTransformer:
 
 def build_vq(cfg: dict) -> MeissonicVQModel:
     return MeissonicVQModel(**_tuples(meissonic_vq_config_from_json(cfg.get("config", cfg), "cfg")))
+
+
+def build_text(cfg: dict) -> MeissonicTextEncoder:
+    return MeissonicTextEncoder(**meissonic_text_config_from_json(cfg.get("config", cfg), "cfg"))
+
+
+def check_text(fx: Fixture) -> list[Check]:
+    model = build_text(fx.cfg)
+    params = convert_meissonic_text(fx.sd, model, name=f"{fx.path}:sd")
+    i, o = fx.inputs, fx.outputs
+    checks: list[Check] = []
+    with jax.default_matmul_precision("highest"):
+        def run(p, ids):
+            hidden, pooled = meissonic_text_encode(model, p, ids)
+            last = model.apply({"params": p}, ids).text_guidance
+            return {"encoder_hidden_states": hidden, "text_embeds": pooled, "last_hidden_state": last,
+                    "embeddings": meissonic_text_embeddings(model, p, ids)}
+
+        run = jax.jit(run)
+        for prefix, key in (("", "ids"), ("pad0_", "ids_pad0")):
+            if key in i:
+                got = run(params, jnp.asarray(i[key], jnp.int32))
+                checks += [compare(prefix + k, g, o[prefix + k], "hidden") for k, g in got.items() if prefix + k in o]
+    if "tokenizer_ids" in o:
+        local = os.path.join(os.path.dirname(os.path.abspath(fx.path)), "bpe_simple_vocab_16e6.txt.gz")
+        tok = ClipBPETokenizer(local if os.path.exists(local) else default_merges_path(), context_length=77)
+        ids = tok.tokenize(list(fx.cfg["tokenizer_captions"]), pad="eot")
+        checks.append(compare("tokenizer_ids", ids, o["tokenizer_ids"], "ids"))
+    return checks
 
 
 def check_transformer(fx: Fixture) -> list[Check]:

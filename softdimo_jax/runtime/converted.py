@@ -172,6 +172,15 @@ FAMILIES: dict[str, Family] = {
         folder="softdimo_jax.conversion.meissonic:vq_folder",
         help="Meissonic VQ model (the vqvae/ folder: config.json + diffusion_pytorch_model.*)",
     ),
+    "meissonic_text": Family(
+        module="softdimo_jax.models.meissonic_text:MeissonicTextEncoder",
+        converter="softdimo_jax.conversion.meissonic:convert_meissonic_text",
+        defaults="softdimo_jax.conversion.meissonic:meissonic_text_defaults",
+        expected="softdimo_jax.models.meissonic_text:meissonic_text_expected_params",
+        folder="softdimo_jax.conversion.meissonic:text_folder",
+        help="Meissonic's CLIP-ViT-H-14 text encoder (the text_encoder/ folder: config.json + model.safetensors"
+        " or pytorch_model.bin)",
+    ),
     "openclip": Family(
         module="softdimo_jax.models.clip:CLIP",
         converter="softdimo_jax.conversion.clip:convert_openclip",
