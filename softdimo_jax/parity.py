@@ -67,6 +67,7 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "hfclip": ("image_embeds", "text_embeds", "text_last_hidden_state", "logits_per_image", "pickscore"),
     "meissonic_transformer": ("logits", "cfg_logits", "dimo_perturb_logits"),
     "meissonic_vqvae": ("encoder_latents", "indices", "reconstructed", "decoded", "decoded_soft"),
+    "meissonic_text": ("encoder_hidden_states", "text_embeds", "last_hidden_state"),
 }
 
 # Max abs error allowed per kind of output (issue targets).
