@@ -2,7 +2,8 @@
 
 A converted checkpoint is a directory with `params/` (orbax, {'params': ...}) and
 `model.json` (family + module config + source + parameter count), written by
-`python -m softdimo_jax.convert` (or `save_converted`, e.g. for an exported student).
+`python -m softdimo_jax.convert` (or `save_converted`, e.g. for an exported student, whose
+model.json also names the `stage` it came from and its one-step `sampling` settings).
 `load_converted(DST)` returns (model, params) and refuses a checkpoint whose stored config
 differs from the module asked for, or whose arrays do not fit it.
 
@@ -186,8 +187,10 @@ def family_of(model) -> str:
 # ------------------------------------------------------------------ save / load
 
 
-def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False) -> None:
-    """Writes `params` of `model` as a converted checkpoint directory (see module docstring)."""
+def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False,
+                   extra: dict | None = None) -> None:
+    """Writes `params` of `model` as a converted checkpoint directory (see module docstring).
+    `extra`: more JSON-able model.json entries (an exported student's `stage`, `sampling`)."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         if not overwrite:
@@ -202,6 +205,10 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
         "source": os.path.basename(source),
         "param_count": count,
     }
+    clash = sorted(set(extra or {}) & set(meta))
+    if clash:
+        raise ValueError(f"extra model.json entries {clash} would replace the standard ones")
+    meta.update(extra or {})
     ckpt = orbax().StandardCheckpointer()
     ckpt.save(os.path.join(path, PARAMS_DIR), {"params": params})
     ckpt.wait_until_finished()

@@ -35,8 +35,10 @@ MODES = ("hard", "soft")
 
 def one_step_logits(adapter, params, rng, labels, *, r_init: float = 0.6, sigma_init: float = 0.1,
                     init_mask_mode: str = "position"):
-    """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic."""
-    labels = jnp.asarray(labels, jnp.int32)
+    """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic.
+    labels: (B,) class ids, or the adapter's text conditions (a dict of (B, ...) arrays)."""
+    if not isinstance(labels, dict):
+        labels = jnp.asarray(labels, jnp.int32)
     e = initial_embeddings(adapter, params, rng, labels, r_init=r_init, sigma_init=sigma_init,
                            init_mask_mode=init_mask_mode)
     return adapter.student_logits(params, labels, embeddings=e)
@@ -47,7 +49,10 @@ def initial_embeddings(adapter, params, rng, labels, *, r_init: float, sigma_ini
     """The generator's input: embedded initial state (exactly round(r_init·L) MASK positions),
     σ-perturbed. TTEO optimises this tensor; plain sampling uses it as drawn."""
     k_tok, k_eps = jax.random.split(rng)
-    _, tokens = initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
+    batch = jax.tree.leaves(labels)[0].shape[0]
+    # Text adapters take their conditions as given (a batch of exactly `batch` rows).
+    conditions = labels if isinstance(labels, dict) else None
+    _, tokens = initial_tokens(k_tok, batch, adapter, r_init, init_mask_mode, conditions)
     e = adapter.embed(params, tokens)
     return perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
 
