@@ -53,7 +53,8 @@ from softdimo_jax.conversion.inception import load_inception, save_params
 from softdimo_jax.data.prompts import read_prompts
 from softdimo_jax.evaluation import export
 from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, evaluate_images
-from softdimo_jax.evaluation.reference_stats import load_reference, reference_from_source, save_reference
+from softdimo_jax.evaluation.reference_stats import (check_reference_source, load_reference, reference_from_source,
+                                                     save_reference)
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.errors import BadInput, guarded, strip_debug
 from softdimo_jax.sampling import api
@@ -187,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
         gen, conds = load_generator_for(args)
         args.num_samples = len(conds)
         generated = generate_sample_batches(args, gen, conds)
-    if not args.make_reference and not os.path.exists(args.reference):
+    if args.make_reference:
+        check_reference_source(args.make_reference, args.split, args.data_dir)
+    elif not os.path.exists(args.reference):
         raise BadInput(f"--reference {args.reference}: no such file — pass reference statistics (.npz), or build "
                        "them with --make-reference SOURCE")
 

@@ -157,6 +157,25 @@ def iter_data_source(source: Sequence[Any], indices: Sequence[int], *, image_key
             yield np.stack(list(pool.map(load, indices[start : start + batch_size])))
 
 
+def open_tfds_source(name: str, split: str = "train", data_dir: str | None = None):
+    """`tfds.data_source` of a prepared dataset, or a one-line BadInput saying what to install
+    or prepare (instead of tfds' own multi-line errors)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise BadInput("tensorflow_datasets is not installed — pip install tensorflow-datasets array-record, or "
+                       "pass an image folder or an ADM .npz to --make-reference instead") from None
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises assorted errors for unknown / unprepared datasets
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(
+            f"tfds dataset {name!r} (split {split!r}, data_dir {data_dir or 'default'}) cannot be read: {first} — "
+            f"prepare it first (`tfds build {name} --data_dir DIR`; Beam-built datasets also need "
+            "`pip install apache-beam`, ImageNet a manual download), or pass an image folder or an ADM .npz "
+            "of images to --make-reference") from None
+
+
 def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
                         data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
                         seed: int = 0, image_key: str = "image", max_features: int | None = 50_000,
@@ -167,20 +186,7 @@ def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, spli
     centre crop at `image_size`. The dataset must already be prepared in `data_dir`
     (nothing is downloaded here: ImageNet needs a manual download anyway).
     """
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise BadInput("tensorflow_datasets is not installed — pip install tensorflow-datasets array-record, or "
-                       "pass an image folder or an ADM .npz to --make-reference instead") from None
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises assorted errors for unknown / unprepared datasets
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(
-            f"tfds dataset {name!r} (split {split!r}, data_dir {data_dir or 'default'}) cannot be read: {first} — "
-            f"prepare it first (`tfds build {name} --data_dir DIR`; Beam-built datasets also need "
-            "`pip install apache-beam`, ImageNet a manual download), or pass an image folder or an ADM .npz "
-            "of images to --make-reference") from None
+    source = open_tfds_source(name, split, data_dir)
     total = len(source)
     if num_samples is None or num_samples >= total:
         indices = np.arange(total)
@@ -259,20 +265,32 @@ def reference_from_npz(path: str, extractor: InceptionFeatureExtractor, *, num_s
                                  source=f"npz:{path}", log=log)
 
 
+def check_reference_source(source: str, split: str = "train", data_dir: str | None = None) -> str:
+    """What `--make-reference SOURCE` names ('folder', 'npz' or 'tfds'), checked before any
+    Inception work: a missing path or an unreadable dataset is a one-line BadInput."""
+    if os.path.isdir(source):
+        return "folder"
+    if source.endswith(".npz"):
+        if not os.path.exists(source):
+            raise BadInput(f"--make-reference {source}: no such file — pass an existing .npz of images")
+        return "npz"
+    if os.sep in source or source.startswith("."):
+        raise BadInput(f"--make-reference {source}: no such folder — pass a folder of images, an ADM .npz of "
+                       "images or a tfds dataset name")
+    open_tfds_source(source, split, data_dir)
+    return "tfds"
+
+
 def reference_from_source(source: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
                           data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
                           seed: int = 0, max_features: int | None = 50_000,
                           log: Callable[[str], None] | None = log_line) -> ReferenceStats:
     """`--make-reference SOURCE`: a folder of images, an ADM `.npz` of images, or a tfds name."""
-    if os.path.isdir(source):
+    kind = check_reference_source(source, split, data_dir)
+    if kind == "folder":
         return reference_from_folder(source, extractor, image_size=image_size, num_samples=num_samples, seed=seed,
                                      max_features=max_features, log=log)
-    if source.endswith(".npz"):
-        if not os.path.exists(source):
-            raise BadInput(f"--make-reference {source}: no such file — pass an existing .npz of images")
+    if kind == "npz":
         return reference_from_npz(source, extractor, num_samples=num_samples, max_features=max_features, log=log)
-    if os.sep in source or source.startswith("."):
-        raise BadInput(f"--make-reference {source}: no such folder — pass a folder of images, an ADM .npz of "
-                       "images or a tfds dataset name")
     return reference_from_tfds(source, extractor, split=split, data_dir=data_dir, image_size=image_size,
                                num_samples=num_samples, seed=seed, max_features=max_features, log=log)

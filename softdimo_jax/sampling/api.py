@@ -428,18 +428,35 @@ def _adapter_labels(cond):
 def make_batch_sampler(gen: Generator, kind: str = "student", mode: str = "hard", *, mesh=None,
                        settings: dict | None = None, dtype=None) -> Callable:
     """fn(gen_params, tok_params, rng, cond) -> (images (B, H, W, C) in [0, 1], tokens
-    (B, L, S)) for one batch of row conditions (B a multiple of the mesh size)."""
+    (B, L, S)) for one batch of row conditions (B a multiple of the mesh size). Cached: the
+    same models, settings and mesh reuse one jitted function (and its compilations), so a
+    stage's grids, `sample` and `evaluate` in one process compile once per batch shape."""
     if kind not in KINDS:
         raise BadInput(f"unknown sampler {kind!r} — choose one of {KINDS}")
     if mode not in MODES:
         raise BadInput(f"unknown decode mode {mode!r} — choose one of {MODES}")
-    spec, model, tok = gen.spec, gen.model, gen.tokenizer
     mesh = meshlib.as_auto_mesh(mesh if mesh is not None else meshlib.make_mesh())
-    out_sh = meshlib.replicated(mesh)
     if kind == "teacher":
         if mode == "soft":
             raise BadInput("the teacher samples tokens — use the hard decode for --mode teacher")
-        run = spec.teacher(model, mesh, {**spec.teacher_defaults, **(settings or {})})
+        resolved = {**gen.spec.teacher_defaults, **(settings or {})}
+    else:
+        resolved = gen.student_settings(**(settings or {}))
+        if resolved["temperature"] < 0:
+            raise BadInput(f"the student temperature must be >= 0 (0 = argmax), got {resolved['temperature']}")
+        if not 0.0 <= resolved["r_init"] <= 1.0:
+            raise BadInput(f"r_init is a mask ratio in [0, 1], got {resolved['r_init']}")
+    dtype = jnp.dtype(dtype if dtype is not None else gen.model.dtype).name
+    return _batch_sampler(gen.family, gen.model, gen.tokenizer, kind, mode, mesh,
+                          tuple(sorted(resolved.items())), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_sampler(family, model, tok, kind, mode, mesh, settings, dtype):
+    spec, s = family_sampling(family), dict(settings)
+    out_sh = meshlib.replicated(mesh)
+    if kind == "teacher":
+        run = spec.teacher(model, mesh, s)
         decode = jax.jit(lambda tp, tokens, cond: jnp.clip(spec.decode_hard(tok, tp, tokens, cond, model), 0, 1),
                          out_shardings=out_sh)
 
@@ -449,11 +466,6 @@ def make_batch_sampler(gen: Generator, kind: str = "student", mode: str = "hard"
 
         return teacher_fn
 
-    s = gen.student_settings(**(settings or {}))
-    if s["temperature"] < 0:
-        raise BadInput(f"the student temperature must be >= 0 (0 = argmax), got {s['temperature']}")
-    if not 0.0 <= s["r_init"] <= 1.0:
-        raise BadInput(f"r_init is a mask ratio in [0, 1], got {s['r_init']}")
     adapter = spec.adapter(model, dtype, s)
     embedder = SoftEmbedder(mode=str(s["soft_mode"]), tau=float(s["soft_tau"]))
     gumbel = str(s["soft_mode"]).startswith("gumbel")
