@@ -299,6 +299,12 @@ def test_maskgen_student_takes_prompts(maskgen_run, inception, tmp_path, capsys)
         assert len(os.listdir(out_dir)) == 4
         ids = np.load(tmp_path / "ids.npy")
         assert ids.shape == (4, 8) and ids.max() < 16
+    # The converted teacher through the same command (MaskGen's multi-step sampler, 2 steps).
+    assert run_sample("--mode=teacher", f"--generator={maskgen_run['dir']}/gen", f"--tokenizer={maskgen_run['tok']}",
+                      *text, "--prompt=a cat", "--prompt=a dog", "--num_steps=2", f"--out={out}",
+                      "--num_devices=1") == 0
+    with Image.open(out) as im:
+        assert im.size == _grid_size(2, 2)
     m = _evaluate(tmp_path, inception, student, maskgen_run["tok"], "--text-encoder", maskgen_run["clip"],
                   "--bpe-merges", maskgen_run["bpe"], "--prompt-file", maskgen_run["prompts"], decode="soft", n=4)
     assert m["num_samples"] == 4 and m["generator"]["family"] == "maskgen_vq"

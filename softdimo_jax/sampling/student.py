@@ -9,7 +9,8 @@ noise, plus the class label. One forward gives logits z (B, L, S, V); then
   decoder reads continuous bits, so the soft sample is a smooth function of the generator.
 
 The EMA weights are the default (`core.dimo.generator_params(state)`), as in the reference.
-`sample_cli_hook` has the signature `softdimo_jax.sample` expects for `--mode student`.
+`one_step_logits` serves every family's adapter (class labels or text conditions); the
+commands reach it through `softdimo_jax.sampling.api`, which adds each family's decode.
 """
 
 from __future__ import annotations
@@ -133,15 +134,3 @@ def sample_student_images(model, params, tokenizer, tok_params, distill_config, 
         imgs = sample(params, tok_params, jax.random.fold_in(jax.random.PRNGKey(seed), i), padded)
         out.append(np.asarray(imgs)[:n])
     return np.concatenate(out)
-
-
-def sample_cli_hook(model, mesh, sampler_kwargs: dict) -> Callable:
-    """`softdimo_jax.sample` SAMPLERS['student'] hook. Recognised sampler_kwargs:
-    student_mode ('hard'|'soft'), r_init, sigma_init, student_temperature (hard
-    sampling temperature), soft_tau; the teacher-only keys are ignored."""
-    kw = dict(sampler_kwargs)
-    return make_student_sampler(
-        model, mesh=mesh, mode=kw.get("student_mode", "hard"), r_init=kw.get("r_init", 0.6),
-        sigma_init=kw.get("sigma_init", 0.1), temperature=kw.get("student_temperature", 1.0),
-        tau=kw.get("soft_tau", 1.0),
-    )
