@@ -188,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
         gen, conds = load_generator_for(args)
         args.num_samples = len(conds)
         generated = generate_sample_batches(args, gen, conds)
+    if not os.path.exists(args.inception):
+        raise BadInput(f"--inception {args.inception}: no such file — pass the FID Inception weights "
+                       "(pt_inception-2015-12-05-6726825d.pth, or an .npz from --save-inception-npz)")
     if args.make_reference:
         check_reference_source(args.make_reference, args.split, args.data_dir)
     elif not os.path.exists(args.reference):
