@@ -2,7 +2,9 @@
 are distilled by the at-scale pipeline (a step each), the exported EMA students load in
 `sample` and `evaluate --generator` (hard and soft), the MaskBit GAN stage takes the
 distillation settings from the run's saved config and exports its student too; prompts
-reach a MaskGen student; bad labels, ids and checkpoints are refused in one line."""
+reach a MaskGen student; TTEO runs on a MaskGIT student; bad labels, ids and checkpoints
+are refused in one line. Shapes repeat across the tests (one device, batches of 4) so the
+cached samplers of sampling.api compile once per family."""
 
 import functools
 import importlib.util
@@ -21,6 +23,7 @@ from PIL import Image
 from helpers import FAST
 from softdimo_jax import evaluate, sample
 from softdimo_jax.conversion.inception import convert_inception, save_params
+from softdimo_jax.core.reward import build_reward_set
 from softdimo_jax.evaluation.fid import InceptionFeatureExtractor
 from softdimo_jax.models.clip_text import ClipTextTransformer
 from softdimo_jax.models.inception import FIDInceptionV3
@@ -34,6 +37,8 @@ from softdimo_jax.parity import load_fixture
 from softdimo_jax.pipelines import at_scale
 from softdimo_jax.runtime.artifacts import CAPTION_LINE_PX, CAPTION_LINES, CAPTION_MIN_WIDTH
 from softdimo_jax.runtime.converted import read_meta, save_converted
+from softdimo_jax.runtime.mesh import make_mesh
+from softdimo_jax.sampling import api, tteo
 
 T, TW = 6, 16  # text context and width of the tiny text tower
 CAPTIONS = ["a red cube", "two dogs on a beach", "a bowl of soup", "snowy mountain at dawn"]
@@ -263,6 +268,19 @@ def test_maskgit_student_samples_and_evaluates(maskgit_run, inception, tmp_path,
                       "--labels=4,0", "--num_steps=2", f"--out={out}", "--num_devices=1") == 0
     m = _evaluate(tmp_path, inception, student, maskgit_run["tok"], decode="hard")
     assert m["num_samples"] == 4 and m["generator"]["family"] == "maskgit_transformer"
+
+    # TTEO takes the family's adapter and soft decode from the same API: with K = 0 it IS
+    # the plain one-step sampler; K = 1 on the soft MaskGIT decode runs and reports rewards.
+    gen = api.load_generator(student, maskgit_run["tok"])
+    rset = build_reward_set({"brightness": 1.0})
+    mesh, labels, rng = make_mesh(1), np.array([4, 1, 2, 3], np.int32), jax.random.PRNGKey(0)
+    plain = tteo.make_tteo_sampler(gen.model, gen.tokenizer, rset, grid=(4, 4), steps=0, mesh=mesh)
+    got = plain(gen.params, gen.tokenizer_params, rset.params, jax.random.fold_in(rng, 0), labels)
+    _, ids = api.generate(gen, api.make_conditions(gen, labels=labels), mesh=mesh, batch_size=4)
+    np.testing.assert_array_equal(np.asarray(got["tokens"])[..., 0].reshape(4, 4, 4), ids)
+    soft = tteo.make_tteo_sampler(gen.model, gen.tokenizer, rset, grid=(4, 4), steps=1, output="soft", mesh=mesh)
+    got = soft(gen.params, gen.tokenizer_params, rset.params, rng, labels)
+    assert got["probs"].shape == (4, 16, 1, 16) and np.all(np.isfinite(got["reward_final"]))
 
     capsys.readouterr()
     assert run_sample("--mode=student", f"--generator={student}", f"--tokenizer={maskgit_run['tok']}",

@@ -14,7 +14,8 @@ Families are rows of `SAMPLING_FAMILIES`, keyed by the converted generator's fam
 (`model.json`): the image tokenizer it pairs with, class or text conditions, how its
 one-step adapter is built (`core.adapters`), its teacher sampler, and its hard / soft
 decode. A new family (Meissonic next) adds one row. `sample`, `evaluate --generator`, the
-at-scale stage grids and the exported students all go through `generate`.
+at-scale stage grids and the exported students all go through `generate`; TTEO
+(`sampling.tteo`) takes its adapter and soft decode from the same rows.
 
 Student settings (r_init, σ, init mask mode, temperature, soft mode / τ, aesthetic score)
 come from the exported checkpoint's `model.json` ("sampling", written by the stage that
@@ -55,7 +56,7 @@ STUDENT_KEYS = ("r_init", "sigma_init", "init_mask_mode", "temperature", "soft_m
 # --------------------------------------------------------------------------- families
 
 
-def _maskbit_adapter(model, dtype, settings):
+def _maskbit_adapter(model, dtype, settings):  # settings: the student's (unused by class families)
     return LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
 
 
@@ -66,7 +67,7 @@ def _maskgit_adapter(model, dtype, settings):
 def _maskgen_adapter(model, dtype, settings):
     # The one-step forward is conditional only: the null condition is never read.
     null = np.zeros((1, 1, model.text_embed_dim), np.float32)
-    return MaskGenAdapter.from_module(model, null, null, aesthetic_score=float(settings["aesthetic_score"]),
+    return MaskGenAdapter.from_module(model, null, null, aesthetic_score=float(settings.get("aesthetic_score", 6.5)),
                                       dtype=dtype, remat=False)
 
 
@@ -173,6 +174,7 @@ class FamilySampling:
     decode_hard: Callable  # (tok, tok_params, tokens (B, L, S), cond, gen) -> images
     decode_soft: Callable  # (tok, tok_params, z (B, L, S, V), cond, gen, embedder, key) -> images
     token_ids: Callable  # (gen, tokens (B, L, S)) -> the ids `sample --save_tokens` writes
+    soft_output: Callable  # (embedder, z, key) -> {"bits": ...} (MaskBit) or {"probs": ...}: TTEO's soft output
     check_pair: Callable  # (gen, tok) -> None or what does not fit
     student_defaults: dict
     teacher_defaults: dict
@@ -187,6 +189,7 @@ SAMPLING_FAMILIES: dict[str, FamilySampling] = {
         conditioning="class", tokenizer_family="maskbit_tokenizer", num_classes=lambda g: g.num_classes,
         adapter=_maskbit_adapter, teacher=_maskbit_teacher, decode_hard=_maskbit_decode_hard,
         decode_soft=_maskbit_decode_soft, token_ids=_maskbit_ids, check_pair=_maskbit_check,
+        soft_output=lambda emb, z, key: {"bits": emb.bits(z, key)},
         student_defaults=dict(_ONE_STEP, r_init=0.6, sigma_init=0.1),
         teacher_defaults=dict(maskbit_sampler.IMAGENET_DEFAULTS),
         teacher_names=dict(num_steps="num_steps", guidance_scale="guidance_scale",
@@ -199,6 +202,7 @@ SAMPLING_FAMILIES: dict[str, FamilySampling] = {
         conditioning="class", tokenizer_family="taming_vqgan", num_classes=lambda g: g.nclass,
         adapter=_maskgit_adapter, teacher=_maskgit_teacher, decode_hard=_maskgit_decode_hard,
         decode_soft=_maskgit_decode_soft, token_ids=_maskgit_ids, check_pair=_maskgit_check,
+        soft_output=lambda emb, z, key: {"probs": emb.probs(z, key)},
         student_defaults=dict(_ONE_STEP, r_init=0.6, sigma_init=0.1),
         teacher_defaults=dict(maskgit_sampler.DIMO_TEACHER_DEFAULTS),
         teacher_names=dict(num_steps="num_steps", guidance_scale="cfg_scale", randomize_temperature="r_temp",
@@ -208,6 +212,7 @@ SAMPLING_FAMILIES: dict[str, FamilySampling] = {
         conditioning="text", tokenizer_family="tatitok", num_classes=lambda g: None,
         adapter=_maskgen_adapter, teacher=_maskgen_teacher, decode_hard=_maskgen_decode_hard,
         decode_soft=_maskgen_decode_soft, token_ids=_maskgen_ids, check_pair=_maskgen_check,
+        soft_output=lambda emb, z, key: {"probs": emb.probs(z, key)},
         student_defaults=dict(_ONE_STEP, r_init=0.5, sigma_init=0.3),
         teacher_defaults=dict(num_steps=16, guidance_scale=12.0, randomize_temperature=1.5, aesthetic_score=6.5),
         teacher_names=dict(num_steps="num_steps", guidance_scale="guidance_scale",
