@@ -226,11 +226,12 @@ def saved_run_config(workdir: str, stage: str = "distill") -> dict | None:
     return meta.get("config") if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
 
 
-def with_distill_settings(config, workdir: str, phase: str):
+def with_distill_settings(config, workdir: str, phase: str, *, gan: bool = False):
     """`config` with the distillation settings (config.distill, and the teacher / tokenizer
     checkpoints when left empty) of the distillation run in this workdir, read from its
     saved config: a refinement restores that run's state, so its settings must be the
-    run's, not repeated by hand. Where it runs (num_devices, fsdp) stays this run's."""
+    run's, not repeated by hand. Where it runs (num_devices, fsdp) stays this run's. With
+    `gan`, config.gan likewise comes from the GAN run (a reward run starting from it)."""
     saved = saved_run_config(workdir, "distill")
     if saved is None:
         raise BadInput(f"[{phase}] no finished distillation in {os.path.join(workdir, 'distill')} — run the "
@@ -244,9 +245,15 @@ def with_distill_settings(config, workdir: str, phase: str):
             changed.append(f"{key} -> {saved[key]!r}")
     distill = {k: v for k, v in (saved.get("distill") or {}).items() if k not in PLACEMENT_KEYS}
     _apply_saved(config.distill, distill, "distill.", changed)
+    if gan:
+        saved_gan = saved_run_config(workdir, "gan")
+        if saved_gan is None or "gan" not in saved_gan:
+            raise BadInput(f"[{phase}] no finished GAN run in {os.path.join(workdir, 'gan')} — run the gan config "
+                           "in this --workdir first, or set --config.reward.source=distill")
+        _apply_saved(config.gan, saved_gan["gan"], "gan.", changed)
     config.lock()
     if changed:
-        log(f"[{phase}] from the distillation run's config: " + "; ".join(changed))
+        log(f"[{phase}] from the earlier runs' saved configs: " + "; ".join(changed))
     return config
 
 
@@ -315,7 +322,7 @@ def reward(config, workdir: str) -> None:
         raise ValueError(
             f"every weight of config.reward.rewards is 0 ({dict(rcfg.rewards)}); set one, e.g. "
             f"--config.reward.rewards.{next(iter(rcfg.rewards), 'NAME')}=1.0")
-    config = with_distill_settings(config, workdir, "reward")
+    config = with_distill_settings(config, workdir, "reward", gan=str(config.reward.source) == "gan")
     dcfg = config.distill
     mesh = distill_mesh(dcfg)
     model, teacher_params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
