@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from softdimo_jax.data.prompts import read_prompts
 from softdimo_jax.runtime import mesh as meshlib
