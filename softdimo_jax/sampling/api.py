@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -291,8 +292,11 @@ def _load(path: str, what: str, flag: str, want: str | tuple[str, ...], **overri
                        "or exported by a training stage)")
     try:
         meta = read_meta(path)
-    except FileNotFoundError as e:
-        raise BadInput(f"{flag} {path}: {e}") from None
+    except FileNotFoundError:
+        where = "no such directory" if not os.path.isdir(path) else "no model.json there"
+        raise BadInput(f"{flag} {path} is not a converted checkpoint ({where}) — pass a directory written by "
+                       "python -m softdimo_jax.convert or exported by a training stage (<workdir>/<stage>/student)"
+                       ) from None
     except ValueError as e:
         raise BadInput(f"{flag} {path}: {e} — convert it again with python -m softdimo_jax.convert") from None
     want = (want,) if isinstance(want, str) else want
