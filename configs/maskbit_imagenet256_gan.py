@@ -35,7 +35,9 @@ def _distill_config(preset: str):
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-    # The distillation settings must match the run in this workdir (its state is restored).
+    # config.distill is replaced by the distillation run's saved settings at run time
+    # (pipelines.at_scale.with_distill_settings): its state is restored. Only where it runs
+    # (distill.num_devices / fsdp) and empty checkpoint paths are this run's own.
     c = _distill_config(preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "gan"  # GAN refinement of the distilled state in the same workdir

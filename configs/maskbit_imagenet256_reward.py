@@ -35,8 +35,8 @@ def _load_config(name: str, preset: str):
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-    # The distillation and GAN settings must match the runs in this workdir (their states
-    # are restored).
+    # config.distill (and config.gan when reward.source='gan') are replaced by the saved
+    # settings of those runs in this workdir at run time (their states are restored).
     c = _load_config("maskbit_imagenet256_gan", preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "reward"

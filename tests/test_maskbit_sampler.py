@@ -213,7 +213,7 @@ def test_sample_cli_writes_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "grid.png"
     argv = ["sample", "--generator=G", "--tokenizer=T", "--labels=1,2,3", "--num_steps=3",
-            f"--out={out}", f"--save_tokens={tmp_path / 'ids.npy'}", "--nrow=3", "--num_devices=2"]
+            f"--out={out}", f"--save_tokens={tmp_path / 'ids.npy'}", "--nrow=3", "--num_devices=2", "--nocaptions"]
     sample.define_flags()
     try:
         flags.FLAGS(argv)

@@ -147,11 +147,12 @@ class ClipBPETokenizer:
         path = merges_path or default_merges_path()
         if path is None:
             raise FileNotFoundError(
-                "no CLIP BPE merges file: pass merges_path=.../bpe_simple_vocab_16e6.txt.gz "
-                "or set SOFTDIMO_CLIP_BPE (the package's own copy is missing: reinstall softdimo_jax)"
+                "no CLIP BPE merges file — set the config's bpe_merges (--config.bpe_merges=PATH; "
+                "`--bpe_merges PATH` for sample / evaluate) to bpe_simple_vocab_16e6.txt.gz, or set "
+                "SOFTDIMO_CLIP_BPE (the package's own copy is missing: reinstall softdimo_jax)"
             )
         if not os.path.exists(path):
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {path!r}")
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {path!r} — check bpe_merges (or SOFTDIMO_CLIP_BPE)")
         opener = gzip.open if str(path).endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.runtime.errors import BadInput
 
 
@@ -121,6 +122,31 @@ class PromptConditions:
         return fn
 
 
+def clip_tokenizer(bpe_merges: str | None, context_length: int) -> ClipBPETokenizer:
+    """The CLIP BPE tokenizer from the config's / CLI's `bpe_merges` (else $SOFTDIMO_CLIP_BPE,
+    else open_clip's file)."""
+    return ClipBPETokenizer(bpe_merges or None, context_length=context_length)
+
+
+def tokenize_checked(clip_model, tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """(n, context_length) ids of `texts`, refused in one line when an id lies outside the
+    text tower's vocabulary (a small tower with the real BPE tokenizer would otherwise
+    embed it as NaN / garbage) or the length differs from the tower's context."""
+    texts = list(texts)
+    ids = np.asarray(tokenizer.tokenize(texts), np.int32)
+    vocab, ctx = int(clip_model.vocab_size), int(clip_model.context_length)
+    if ids.ndim != 2 or ids.shape[1] != ctx:
+        raise BadInput(f"the tokenizer gives ids of shape {ids.shape}, the text tower reads (n, {ctx}) — "
+                       "pass the tokenizer (bpe_merges) made for this text encoder")
+    bad = np.argwhere((ids < 0) | (ids >= vocab))
+    if bad.size:
+        row, col = bad[0]
+        raise BadInput(f"prompt {texts[row]!r} tokenises to id {int(ids[row, col])}, outside the text tower's "
+                       f"vocabulary of {vocab} — pass the text encoder made for this tokenizer (bpe_merges), "
+                       "or a tokenizer with that vocabulary")
+    return ids
+
+
 @functools.partial(jax.jit, static_argnames=("clip_model",))
 def _encode(clip_model, clip_params, ids):
     out = clip_model.apply({"params": clip_params}, ids)
@@ -143,7 +169,7 @@ def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[s
     conds, pooled, guide = [], [], []
     for i in range(0, len(texts), chunk):
         part = texts[i : i + chunk]
-        ids = np.asarray(tokenizer.tokenize(part + [""] * (chunk - len(part))), np.int32)
+        ids = tokenize_checked(clip_model, tokenizer, part + [""] * (chunk - len(part)))
         c, p, g = _encode(clip_model, clip_params, jnp.asarray(ids))
         conds.append(np.asarray(c, np.float32)[: len(part)])
         pooled.append(np.asarray(p, np.float32)[: len(part)])

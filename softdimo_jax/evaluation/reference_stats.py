@@ -7,10 +7,13 @@ An ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`) holds `mu`, `sig
 usually `arr_0` (its uint8 images); `load_reference` reads those mu/sigma as they are and,
 when precision/recall is wanted, computes the reference features from `arr_0`.
 
-From the command line:
+From the command line, from a prepared tfds dataset, a folder of images, or an ADM-style
+`.npz` of images (`arr_0` uint8 N×H×W×3):
 
     python -m softdimo_jax.evaluate --make-reference imagenet2012 --split train \
         --reference ref_imagenet256.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python -m softdimo_jax.evaluate --make-reference path/to/images/ --reference ref.npz --inception ...
+    python -m softdimo_jax.evaluate --make-reference real_images.npz --reference ref.npz --inception ...
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from softdimo_jax.evaluation import export
 from softdimo_jax.evaluation.fid import InceptionFeatureExtractor, compute_activations
 from softdimo_jax.runtime.artifacts import log as log_line
+from softdimo_jax.runtime.errors import BadInput
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
 
 
 @dataclasses.dataclass
@@ -150,6 +157,25 @@ def iter_data_source(source: Sequence[Any], indices: Sequence[int], *, image_key
             yield np.stack(list(pool.map(load, indices[start : start + batch_size])))
 
 
+def open_tfds_source(name: str, split: str = "train", data_dir: str | None = None):
+    """`tfds.data_source` of a prepared dataset, or a one-line BadInput saying what to install
+    or prepare (instead of tfds' own multi-line errors)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise BadInput("tensorflow_datasets is not installed — pip install tensorflow-datasets array-record, or "
+                       "pass an image folder or an ADM .npz to --make-reference instead") from None
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises assorted errors for unknown / unprepared datasets
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(
+            f"tfds dataset {name!r} (split {split!r}, data_dir {data_dir or 'default'}) cannot be read: {first} — "
+            f"prepare it first (`tfds build {name} --data_dir DIR`; Beam-built datasets also need "
+            "`pip install apache-beam`, ImageNet a manual download), or pass an image folder or an ADM .npz "
+            "of images to --make-reference") from None
+
+
 def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
                         data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
                         seed: int = 0, image_key: str = "image", max_features: int | None = 50_000,
@@ -160,9 +186,7 @@ def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, spli
     centre crop at `image_size`. The dataset must already be prepared in `data_dir`
     (nothing is downloaded here: ImageNet needs a manual download anyway).
     """
-    import tensorflow_datasets as tfds
-
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    source = open_tfds_source(name, split, data_dir)
     total = len(source)
     if num_samples is None or num_samples >= total:
         indices = np.arange(total)
@@ -173,3 +197,100 @@ def reference_from_tfds(name: str, extractor: InceptionFeatureExtractor, *, spli
     # The subset is random, so keeping the first `max_features` is a random subset for PR.
     return reference_from_images(batches, extractor, num_images=len(indices), max_features=max_features,
                                  source=f"tfds:{name}/{split}", log=log)
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under `folder` (recursively, sorted), by suffix."""
+    out = []
+    for root, _, files in os.walk(folder):
+        out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(out)
+
+
+def _subset(total: int, num_samples: int | None, seed: int) -> np.ndarray:
+    if num_samples is None or num_samples >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=num_samples, replace=False))
+
+
+def reference_from_folder(folder: str, extractor: InceptionFeatureExtractor, *, image_size: int = 256,
+                          num_samples: int | None = 50_000, seed: int = 0, max_features: int | None = 50_000,
+                          workers: int = 8, log: Callable[[str], None] | None = log_line) -> ReferenceStats:
+    """Reference statistics of the images in a folder (PNG / JPEG / WebP / ..., searched
+    recursively): a seeded random subset of `num_samples` (None = all), ADM centre crop at
+    `image_size`."""
+    files = list_images(folder)
+    if not files:
+        raise BadInput(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder} — pass a folder of real images")
+
+    def read(i):
+        with Image.open(files[int(i)]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    indices = _subset(len(files), num_samples, seed)
+    source = _LazyImages(read, len(files))
+    batches = iter_data_source(source, indices, image_size=image_size, batch_size=extractor.local_batch_size,
+                               workers=workers)
+    return reference_from_images(batches, extractor, num_images=len(indices), max_features=max_features,
+                                 source=f"folder:{folder}", log=log)
+
+
+class _LazyImages:
+    """A random-access sequence of decoded images (what iter_data_source reads)."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], n: int):
+        self.read, self.n = read, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+
+def reference_from_npz(path: str, extractor: InceptionFeatureExtractor, *, num_samples: int | None = 50_000,
+                       max_features: int | None = 50_000,
+                       log: Callable[[str], None] | None = log_line) -> ReferenceStats:
+    """Reference statistics of an ADM-style `.npz` of images (`arr_0` uint8 N×H×W×3), its
+    first `num_samples` images (None = all), as stored (no crop)."""
+    try:
+        shape, dtype = export.npz_array_shape(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise BadInput(f"{path} is not an ADM-style .npz of images ({e}) — it needs arr_0, uint8 N×H×W×3") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise BadInput(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+    n = shape[0] if num_samples is None else min(num_samples, shape[0])
+    batches = export.iter_npz_images(path, batch_size=extractor.local_batch_size)
+    return reference_from_images(batches, extractor, num_images=n, max_features=max_features,
+                                 source=f"npz:{path}", log=log)
+
+
+def check_reference_source(source: str, split: str = "train", data_dir: str | None = None) -> str:
+    """What `--make-reference SOURCE` names ('folder', 'npz' or 'tfds'), checked before any
+    Inception work: a missing path or an unreadable dataset is a one-line BadInput."""
+    if os.path.isdir(source):
+        return "folder"
+    if source.endswith(".npz"):
+        if not os.path.exists(source):
+            raise BadInput(f"--make-reference {source}: no such file — pass an existing .npz of images")
+        return "npz"
+    if os.sep in source or source.startswith("."):
+        raise BadInput(f"--make-reference {source}: no such folder — pass a folder of images, an ADM .npz of "
+                       "images or a tfds dataset name")
+    open_tfds_source(source, split, data_dir)
+    return "tfds"
+
+
+def reference_from_source(source: str, extractor: InceptionFeatureExtractor, *, split: str = "train",
+                          data_dir: str | None = None, image_size: int = 256, num_samples: int | None = 50_000,
+                          seed: int = 0, max_features: int | None = 50_000,
+                          log: Callable[[str], None] | None = log_line) -> ReferenceStats:
+    """`--make-reference SOURCE`: a folder of images, an ADM `.npz` of images, or a tfds name."""
+    kind = check_reference_source(source, split, data_dir)
+    if kind == "folder":
+        return reference_from_folder(source, extractor, image_size=image_size, num_samples=num_samples, seed=seed,
+                                     max_features=max_features, log=log)
+    if kind == "npz":
+        return reference_from_npz(source, extractor, num_samples=num_samples, max_features=max_features, log=log)
+    return reference_from_tfds(source, extractor, split=split, data_dir=data_dir, image_size=image_size,
+                               num_samples=num_samples, seed=seed, max_features=max_features, log=log)

@@ -14,6 +14,10 @@ TPU pods or GPU hosts (launch/tpu_train.sh, launch/gpu_train.sh), all through
            (configs/maskbit_imagenet256_gan.py);
   reward   reward fine-tuning of the GAN-refined (or distilled) MaskBit state in the same
            workdir (configs/maskbit_imagenet256_reward.py).
+The refinements take the distillation settings from the distillation run's saved config
+(`with_distill_settings`). Every distillation / refinement stage exports its EMA student
+as a converted checkpoint, <workdir>/<stage>/student (model.json names the family and the
+stage), that `python -m softdimo_jax.sample` and `... evaluate --generator` load.
 Every process runs the same program (the distillation is data-free: each step draws its
 own labels and tokens on device); only process 0 writes logs, grids and metrics.
 """
@@ -32,10 +36,8 @@ from softdimo_jax.core.adapters import make_adapter
 from softdimo_jax.core.dimo import Distiller, generator_params
 from softdimo_jax.core.gan import GanRefiner
 from softdimo_jax.data import prompts, tfds_images
-from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
-from softdimo_jax.models.maskgit import MaskGITTransformer
 from softdimo_jax.pipelines import phases, report
 from softdimo_jax.pipelines.context import SeedOffsets
 from softdimo_jax.runtime import artifacts, checkpointing
@@ -43,10 +45,8 @@ from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.artifacts import fingerprint, log, to_jsonable
 from softdimo_jax.runtime.converted import family_of, load_converted
 from softdimo_jax.runtime.errors import BadInput
+from softdimo_jax.sampling import api
 from softdimo_jax.sampling.batching import class_ordered_labels
-from softdimo_jax.sampling.maskgen_sampler import encode_captions, one_step_images
-from softdimo_jax.sampling.maskgit_sampler import one_step_sample
-from softdimo_jax.sampling.student import sample_student_images
 
 # --------------------------------------------------------------------------- teacher
 
@@ -121,44 +121,56 @@ def load_text_encoder(config):
             "--config.text_encoder_checkpoint=DST"
         )
     clip, clip_params = load_converted(config.text_encoder_checkpoint)
-    tok = ClipBPETokenizer(config.get("bpe_merges") or None, context_length=clip.context_length)
-    return clip, clip_params, tok
+    return clip, clip_params, prompts.clip_tokenizer(config.get("bpe_merges") or None, clip.context_length)
 
 
-def maskgit_student_images(model, params, vqgan, vq_params, labels, dcfg, seed: int, soft: bool, mesh=None):
-    """One-step MaskGIT student images (N, H, W, 3) in [0, 1]: sampled ids, or softmax of the
-    visual-token logits (temperature dcfg.soft.tau) @ the VQGAN codebook when soft.
-    With `mesh` the output is replicated over it, so every host can read it (multi-host)."""
-    g, k = model.grid_size, model.codebook_size
-    temp = float(dcfg.sample.temperature) or 1.0
+def grid_conditions(config, gen: api.Generator, captions=None) -> api.Conditions:
+    """The rows of a stage's one-step grid: config.grid_labels (refused when out of the
+    model's range), else class-ordered labels, for `grid_samples` images; the given captions
+    for a text generator."""
+    n = int(config.get("grid_samples", 16))
+    if gen.spec.conditioning == "text":
+        return api.make_conditions(gen, captions=list(captions)[:n])
+    num_classes = gen.spec.num_classes(gen.model)
+    labels = config.get("grid_labels") or class_ordered_labels(n, num_classes)
+    return api.Conditions(labels=api.check_labels(np.asarray(labels)[:n], num_classes, "config.grid_labels"))
 
-    def run(params, vq_params, rng, labels):
-        ids, logits = one_step_sample(model, params, rng, labels, r_init=dcfg.r_init, sigma=dcfg.sigma_init,
-                                      gen_temp=temp, return_logits=True)
-        v = {"params": vq_params}
-        if soft:
-            probs = jax.nn.softmax(logits[..., :k] / float(dcfg.soft.tau), axis=-1)
-            img = vqgan.apply(v, probs.reshape(-1, g, g, k), method=type(vqgan).decode_soft)
-        else:
-            img = vqgan.apply(v, ids.reshape(-1, g, g), method=type(vqgan).decode_tokens)
-        return jnp.clip(img, 0.0, 1.0)
 
-    run = jax.jit(run, out_shardings=None if mesh is None else meshlib.replicated(mesh))
-    return np.asarray(run(params, vq_params, jax.random.PRNGKey(seed), jnp.asarray(labels, jnp.int32)))
+def student_outputs(stage: str, config, stage_dir: str, model, gen_params, tok_model, tok_params, mesh,
+                    text=None, captions=None, modes=("hard", "soft")) -> None:
+    """What every distillation / refinement stage leaves: its EMA student exported as a
+    converted checkpoint (`<stage_dir>/student`, model.json naming family and stage) and,
+    with a tokenizer, one-step grids `student_<mode>.png` through the sampling API."""
+    dcfg = config.distill
+    family = family_of(model)
+    settings = api.student_settings_from_config(dcfg)
+    # Exported in float32 without remat: runtime fields, the sampler picks its own dtype.
+    export_model = model.clone(dtype=jnp.float32, remat=False)
+    where = phases.export_student(stage_dir, family, export_model, gen_params, stage=stage, sampling=settings)
+    log(f"[{stage}] student weights -> {where}")
+    if tok_model is None:
+        log(f"[{stage}] no tokenizer_checkpoint: skipping the sample grid")
+        return
+    gen = api.Generator(family, model, gen_params, tok_model, tok_params, text, {"sampling": settings})
+    conds = grid_conditions(config, gen, captions)
+    for mode in modes:
+        images, _ = api.generate(gen, conds, kind="student", mode=mode, seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS,
+                                 batch_size=len(conds), mesh=mesh, dtype=dcfg.compute_dtype)
+        artifacts.save_grid(stage_dir, f"student_{mode}", images, nrow=None)
 
 
 def distill(config, workdir: str) -> None:
-    """Distills a converted teacher (config.teacher_checkpoint), exports the MaskBit student
-    and writes one-step sample grids (hard and soft) when a tokenizer checkpoint is given."""
+    """Distills a converted teacher (config.teacher_checkpoint), exports the EMA student of
+    any family (<workdir>/distill/student) and writes one-step sample grids (hard and soft)
+    when a tokenizer checkpoint is given."""
     dcfg = config.distill
     mesh = distill_mesh(dcfg)
     model, params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
     check_family(config, model)
     stage_dir = os.path.join(workdir, "distill")
-    seed = int(dcfg.seed) + SeedOffsets.STUDENT_ROWS
     n = int(config.get("grid_samples", 16))
     fp = to_jsonable(config)
-    adapter, batch_fn, conds = None, None, None
+    adapter, batch_fn, text, captions = None, None, None, None
     if isinstance(model, MaskGenVQ):
         clip, clip_params, bpe = load_text_encoder(config)
         table = prompts.load_prompt_conditions(
@@ -169,51 +181,100 @@ def distill(config, workdir: str) -> None:
         batch_fn = table.batch_fn(int(dcfg.batch_size), int(dcfg.seed))
         # The grid shows the file's first captions, the same on every host (the table is
         # this host's share).
-        conds = encode_captions(clip, clip_params, bpe, prompts.read_prompts(config.prompt_file)[:n])
+        text = api.TextEncoder(clip, clip_params, bpe)
+        captions = prompts.read_prompts(config.prompt_file)[:n]
     result, distiller = phases.train_distill(dcfg, model, params, stage_dir, mesh, fingerprint=fp,
                                              adapter=adapter, batch_fn=batch_fn)
-    if tok_model is None:
-        log("[distill] no tokenizer_checkpoint: skipping the sample grid")
-        return
     gen = generator_params(result.state, dcfg.sample.use_ema)
-    for mode in ("hard", "soft"):
-        path_name = f"student_{mode}"
-        if isinstance(model, LFQBert):
-            if mode == "hard":
-                log(f"[distill] student weights -> {phases.export_student(stage_dir, 'maskbit_generator', model, gen)}")
-            k = max(n, mesh.size)
-            k -= k % mesh.size
-            labels = np.asarray(config.get("grid_labels") or class_ordered_labels(k, model.num_classes))[:k]
-            images = sample_student_images(model, gen, tok_model, tok_params, dcfg, labels, mode,
-                                           distiller.mesh, len(labels), seed=seed)
-        elif isinstance(model, MaskGITTransformer):
-            labels = np.resize(np.asarray(config.get("grid_labels") or range(n), np.int32), n) % model.nclass
-            images = maskgit_student_images(model, gen, tok_model, tok_params, labels, dcfg, seed, mode == "soft",
-                                            mesh=mesh)
-        elif isinstance(model, MaskGenVQ):
-            run = jax.jit(lambda g, t, c, r, soft=mode == "soft": one_step_images(
-                model, g, tok_model, t, c, r, float(dcfg.get("aesthetic_score", 6.5)), r_init=float(dcfg.r_init),
-                sigma=float(dcfg.sigma_init), temperature=float(dcfg.sample.temperature), soft=soft)[0],
-                out_shardings=meshlib.replicated(mesh))
-            images = np.asarray(run(gen, tok_params, conds, jax.random.PRNGKey(seed)))
-        else:
-            raise NotImplementedError(f"no one-step grid for {type(model).__name__}")
-        artifacts.save_grid(stage_dir, path_name, images, nrow=None)
+    student_outputs("distill", config, stage_dir, model, gen, tok_model, tok_params, distiller.mesh, text, captions)
     write_local_report(workdir)
 
 
 # --------------------------------------------------------------------------- GAN
 
 
+# Distillation settings that may differ in a later stage: where it runs, not what it trained.
+PLACEMENT_KEYS = frozenset({"num_devices", "fsdp"})
+
+
+def _to_config_value(current, saved):
+    """A saved JSON value in the type of the config field it replaces (JSON lists -> tuples)."""
+    if isinstance(current, tuple) and isinstance(saved, list):
+        return tuple(saved)
+    if isinstance(current, float) and isinstance(saved, int) and not isinstance(saved, bool):
+        return float(saved)
+    return saved
+
+
+def _apply_saved(block, saved: dict, prefix: str, changed: list) -> None:
+    for key, value in saved.items():
+        if key not in block:
+            continue  # a key this version no longer has
+        current = block[key]
+        if hasattr(current, "items") and isinstance(value, dict):
+            _apply_saved(current, value, f"{prefix}{key}.", changed)
+            continue
+        new = _to_config_value(current, value)
+        if new != current:
+            changed.append(f"{prefix}{key}: {current!r} -> {new!r}")
+            block[key] = new
+
+
+def saved_run_config(workdir: str, stage: str = "distill") -> dict | None:
+    """The config a finished stage of this workdir stored with its latest checkpoint, or None."""
+    manager = checkpointing.open_manager(os.path.join(workdir, stage))
+    try:
+        step = manager.latest_step()
+        meta = None if step is None else checkpointing.read_meta(manager, step)
+    finally:
+        manager.close()
+    return meta.get("config") if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
+
+
+def with_distill_settings(config, workdir: str, phase: str, *, gan: bool = False):
+    """`config` with the distillation settings (config.distill, and the teacher / tokenizer
+    checkpoints when left empty) of the distillation run in this workdir, read from its
+    saved config: a refinement restores that run's state, so its settings must be the
+    run's, not repeated by hand. Where it runs (num_devices, fsdp) stays this run's. With
+    `gan`, config.gan likewise comes from the GAN run (a reward run starting from it)."""
+    saved = saved_run_config(workdir, "distill")
+    if saved is None:
+        raise BadInput(f"[{phase}] no finished distillation in {os.path.join(workdir, 'distill')} — run the "
+                       "distill config in this --workdir first")
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    changed: list[str] = []
+    for key in ("teacher_checkpoint", "tokenizer_checkpoint"):
+        if not config.get(key) and saved.get(key):
+            config[key] = saved[key]
+            changed.append(f"{key} -> {saved[key]!r}")
+    distill = {k: v for k, v in (saved.get("distill") or {}).items() if k not in PLACEMENT_KEYS}
+    _apply_saved(config.distill, distill, "distill.", changed)
+    if gan:
+        saved_gan = saved_run_config(workdir, "gan")
+        if saved_gan is None or "gan" not in saved_gan:
+            raise BadInput(f"[{phase}] no finished GAN run in {os.path.join(workdir, 'gan')} — run the gan config "
+                           "in this --workdir first, or set --config.reward.source=distill")
+        _apply_saved(config.gan, saved_gan["gan"], "gan.", changed)
+    config.lock()
+    if changed:
+        log(f"[{phase}] from the earlier runs' saved configs: " + "; ".join(changed))
+    return config
+
+
 def gan(config, workdir: str) -> None:
     """GAN refinement of a distilled MaskBit: the converted teacher / tokenizer, the
-    finished distillation state in <workdir>/distill (same config.distill), real images
-    from tfds (config.data); writes <workdir>/gan."""
+    finished distillation state in <workdir>/distill (whose saved config gives
+    config.distill), real images from tfds (config.data); writes <workdir>/gan, exports
+    the EMA student to <workdir>/gan/student and one-step grids."""
+    config = with_distill_settings(config, workdir, "gan")
     dcfg, gcfg = config.distill, config.gan
     mesh = distill_mesh(dcfg)
     model, teacher_params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
     if tok_model is None:
         raise ValueError("the GAN phase encodes real images: set --config.tokenizer_checkpoint")
+    if not isinstance(model, LFQBert):
+        raise NotImplementedError(f"at-scale GAN refinement runs on MaskBit teachers; got {type(model).__name__}")
     adapter = make_adapter(model, dcfg)
     refiner = GanRefiner(adapter, dcfg, gcfg, mesh, tokenizer=tok_model)
     # One placed copy of the teacher serves the restore target, the init and every step.
@@ -224,11 +285,15 @@ def gan(config, workdir: str) -> None:
     source = tfds_images.TfdsImageSource(config.data.name, config.data.split, config.data.data_dir or None,
                                          image_size=int(config.data.image_size))
     init = lambda s, tp: refiner.init_state(jax.random.PRNGKey(int(gcfg.seed)), s, tp)
-    phases.train_refinement(
-        "gan", refiner, init, (dimo_state, teacher_params), gcfg, os.path.join(workdir, "gan"),
+    stage_dir = os.path.join(workdir, "gan")
+    result = phases.train_refinement(
+        "gan", refiner, init, (dimo_state, teacher_params), gcfg, stage_dir,
         batch_fn=tfds_images.make_batch_fn(source, int(gcfg.batch_size), int(gcfg.seed)),
         frozen={"teacher": teacher_params, "tokenizer": tok_params}, keep=int(dcfg.keep_checkpoints),
         fingerprint=stage_identity(config, workdir, "distill"))
+    gen = generator_params(result.state.dimo, dcfg.sample.use_ema)
+    student_outputs("gan", config, stage_dir, model, gen, tok_model, tok_params, mesh)
+    write_local_report(workdir)
 
 
 # --------------------------------------------------------------------------- reward
@@ -252,15 +317,18 @@ def refinement_start(config, workdir: str, source: str, adapter, teacher_params,
 
 
 def reward(config, workdir: str) -> None:
-    """Reward fine-tuning of the refined MaskBit (config.reward.source in this workdir), with
-    the rewards named in config.reward.rewards; writes <workdir>/reward, exports the EMA
-    generator to <workdir>/reward/student and a one-step grid."""
-    dcfg, rcfg = config.distill, config.reward
+    """Reward fine-tuning of the refined MaskBit (config.reward.source in this workdir; the
+    distillation settings come from that run's saved config), with the rewards named in
+    config.reward.rewards; writes <workdir>/reward, exports the EMA generator to
+    <workdir>/reward/student and a one-step grid."""
+    rcfg = config.reward
     spec = {name: w for name, w in rcfg.rewards.items() if w}
     if not spec:
         raise ValueError(
             f"every weight of config.reward.rewards is 0 ({dict(rcfg.rewards)}); set one, e.g. "
             f"--config.reward.rewards.{next(iter(rcfg.rewards), 'NAME')}=1.0")
+    config = with_distill_settings(config, workdir, "reward", gan=str(config.reward.source) == "gan")
+    dcfg = config.distill
     mesh = distill_mesh(dcfg)
     model, teacher_params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
     if tok_model is None:
@@ -279,13 +347,7 @@ def reward(config, workdir: str) -> None:
         frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
         keep=int(dcfg.keep_checkpoints), fingerprint=stage_identity(config, workdir, str(rcfg.source)))
     gen = generator_params(result.state, dcfg.sample.use_ema)
-    log(f"[reward] generator weights -> {phases.export_student(stage_dir, 'maskbit_generator', model, gen)}")
-    k = max(int(config.get("grid_samples", 16)), mesh.size)
-    k -= k % mesh.size
-    labels = np.asarray(config.get("grid_labels") or class_ordered_labels(k, model.num_classes))[:k]
-    images = sample_student_images(model, gen, tok_model, tok_params, dcfg, labels, "hard", mesh, len(labels),
-                                   seed=int(dcfg.seed) + SeedOffsets.STUDENT_ROWS)
-    artifacts.save_grid(stage_dir, "student_hard", images, nrow=None)
+    student_outputs("reward", config, stage_dir, model, gen, tok_model, tok_params, mesh, modes=("hard",))
     write_local_report(workdir)
 
 

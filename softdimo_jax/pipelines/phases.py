@@ -113,15 +113,21 @@ def train_refinement(name: str, refiner, init_fn, init_args: tuple, phase_cfg, s
     return trainer.run()  # run() closes the checkpoint manager and writer itself
 
 
-def export_student(stage_dir: str, family: str, model, params) -> str:
-    """Writes a one-step generator's weights as a converted checkpoint, `<stage_dir>/student`,
-    that `python -m softdimo_jax.sample --mode student --generator ...` and
-    `softdimo_jax.evaluate --generator student --checkpoint ...` load like any converted
-    teacher. Returns the path, or why nothing was written."""
+def export_student(stage_dir: str, family: str, model, params, *, stage: str | None = None,
+                   sampling: dict | None = None) -> str:
+    """Writes a one-step generator's (EMA) weights as a converted checkpoint,
+    `<stage_dir>/student`, whose model.json names the `family`, the `stage` it came from
+    (default: the stage directory's name) and its one-step `sampling` settings, so that
+    `python -m softdimo_jax.sample --mode student --generator ...` and
+    `python -m softdimo_jax.evaluate --generator student --checkpoint ...` load and sample it
+    as the stage did. Returns the path, or why nothing was written."""
     path = os.path.join(stage_dir, "student")
     if artifacts.is_remote(path) or jax.process_count() > 1:
         # save_converted writes a local folder from one process; on pods the orbax state in
         # <stage_dir>/checkpoints holds the same weights (ema_params).
         return f"(not exported: {path} is remote or the job is multi-process)"
-    save_converted(path, family, model, params, source=f"{stage_dir} (EMA student)", overwrite=True)
+    extra = {"stage": stage or os.path.basename(os.path.normpath(stage_dir))}
+    if sampling:
+        extra["sampling"] = dict(sampling)
+    save_converted(path, family, model, params, source=f"{stage_dir} (EMA student)", overwrite=True, extra=extra)
     return path

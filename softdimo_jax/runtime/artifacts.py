@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def is_lead() -> bool:
@@ -81,10 +81,69 @@ def make_image_grid(images, nrow: int | None = None, padding: int = 2, pad_value
     return grid
 
 
-def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, pad_value: float = 0.0) -> str:
-    """Writes `images` (N, H, W, C) in [0, 1] as one PNG grid (a local or gs:// path);
-    returns the path."""
-    grid = make_image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+CAPTION_LINES = 2  # text lines under each image of a captioned grid
+CAPTION_LINE_PX = 12
+CAPTION_MIN_WIDTH = 96  # narrower images get a cell this wide, so a caption stays legible
+
+
+def _fit_lines(draw, font, text: str, width: int, lines: int) -> list[str]:
+    """`text` wrapped greedily into at most `lines` lines of `width` px (the last one cut with …)."""
+    words, out, cur = text.split(), [], ""
+    for word in words:
+        trial = f"{cur} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not cur:
+            cur = trial
+        else:
+            out.append(cur)
+            cur = word
+    out.append(cur)
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] += "…"
+    for i, line in enumerate(out):
+        while line and draw.textlength(line, font=font) > width:
+            line = line[:-2] + "…"
+        out[i] = line
+    return out
+
+
+def make_captioned_grid(images, captions, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Like `make_image_grid`, with each image's caption (its prompt or class) under it in a
+    white strip of CAPTION_LINES lines; cells are at least CAPTION_MIN_WIDTH px wide (the
+    image centred). Returns an RGB uint8 grid."""
+    images = np.asarray(images, np.float32)
+    captions = [str(c) for c in captions]
+    if images.ndim != 4 or len(captions) != images.shape[0]:
+        raise ValueError(f"need one caption per image: {len(captions)} captions for images of shape {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    images = images[..., :3]
+    n, h, w, _ = images.shape
+    nrow = min(nrow or math.ceil(math.sqrt(n)), n)
+    cw, strip = max(w, CAPTION_MIN_WIDTH), CAPTION_LINES * CAPTION_LINE_PX
+    cells = np.full((n, h + strip, cw, 3), 1.0, np.float32)
+    x0 = (cw - w) // 2
+    cells[:, :h, x0 : x0 + w] = np.clip(images, 0.0, 1.0)
+    grid = make_image_grid(cells, nrow=nrow, padding=padding)
+    canvas = Image.fromarray(grid)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for k, text in enumerate(captions):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + strip + padding) + h, padding + col * (cw + padding)
+        for i, line in enumerate(_fit_lines(draw, font, text, cw - 2, CAPTION_LINES)):
+            draw.text((x + 1, y + i * CAPTION_LINE_PX), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, pad_value: float = 0.0,
+                    captions=None) -> str:
+    """Writes `images` (N, H, W, C) in [0, 1] as one PNG grid (a local or gs:// path), with
+    `captions` (one per image) under the images when given; returns the path."""
+    if captions is not None:
+        grid = make_captioned_grid(images, captions, nrow=nrow, padding=padding)
+    else:
+        grid = make_image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
     path = os.fspath(path)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if is_remote(path):
@@ -101,12 +160,13 @@ def save_image_grid(images, path, nrow: int | None = None, padding: int = 2, pad
     return path
 
 
-def save_grid(stage_dir: str, name: str, images, metric_writer=None, step: int = 0, nrow: int | None = 10) -> None:
+def save_grid(stage_dir: str, name: str, images, metric_writer=None, step: int = 0, nrow: int | None = 10,
+              captions=None) -> None:
     """`<stage_dir>/<name>.png` (process 0) and, with a writer, the same grid as a
     TensorBoard image."""
     if not is_lead():
         return
-    save_image_grid(images, os.path.join(stage_dir, f"{name}.png"), nrow=nrow)
+    save_image_grid(images, os.path.join(stage_dir, f"{name}.png"), nrow=nrow, captions=captions)
     if metric_writer is not None:
         grid = make_image_grid(images, nrow=nrow).astype(np.float32) / 255.0
         metric_writer.write_images(step, {name: grid[None]})

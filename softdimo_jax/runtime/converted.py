@@ -2,7 +2,8 @@
 
 A converted checkpoint is a directory with `params/` (orbax, {'params': ...}) and
 `model.json` (family + module config + source + parameter count), written by
-`python -m softdimo_jax.convert` (or `save_converted`, e.g. for an exported student).
+`python -m softdimo_jax.convert` (or `save_converted`, e.g. for an exported student, whose
+model.json also names the `stage` it came from and its one-step `sampling` settings).
 `load_converted(DST)` returns (model, params) and refuses a checkpoint whose stored config
 differs from the module asked for, or whose arrays do not fit it.
 
@@ -282,8 +283,10 @@ def check_replaceable(path: str, *, overwrite: bool, source: str = "") -> None:
                        "or choose another destination")
 
 
-def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False) -> None:
+def save_converted(path: str, family: str, model, params, *, source: str = "", overwrite: bool = False,
+                   extra: dict | None = None) -> None:
     """Writes `params` of `model` as a converted checkpoint directory (see module docstring).
+    `extra`: more JSON-able model.json entries (an exported student's `stage`, `sampling`).
 
     The checkpoint is written to a sibling directory and renamed into place when complete;
     an existing one (see `check_replaceable`) is removed only after that.
@@ -299,6 +302,10 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
         "source": os.path.basename(source),
         "param_count": count,
     }
+    clash = sorted(set(extra or {}) & set(meta))
+    if clash:
+        raise ValueError(f"extra model.json entries {clash} would replace the standard ones")
+    meta.update(extra or {})
     parent = os.path.dirname(path)
     tmp = f"{path}.partial-{os.getpid()}"
     old = f"{path}.replaced-{os.getpid()}"
@@ -324,8 +331,6 @@ def save_converted(path: str, family: str, model, params, *, source: str = "", o
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
 
 
 def read_meta(path: str) -> dict:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softdimo_jax.data.prompts import tokenize_checked
 from softdimo_jax.models.maskgen import MaskGenVQ, guided_logits
 
 _GUIDANCE_DECAYS = ("linear", "cosine", "none", "flippedcosine")
@@ -240,7 +241,7 @@ def encode_captions(clip_model, clip_params, tokenizer, captions) -> CaptionCond
     """Captions -> MaskGen / TA-TiTok text inputs, with the empty caption's as the null
     condition (one forward over captions + [""], as the original's generate())."""
     captions = [captions] if isinstance(captions, str) else list(captions)
-    ids = jnp.asarray(tokenizer.tokenize(captions + [""]))
+    ids = jnp.asarray(tokenize_checked(clip_model, tokenizer, captions + [""]))
     out = _clip_forward(clip_model, clip_params, ids)
     return CaptionConditions(
         out.penultimate[:-1], out.pooled[:-1], out.text_guidance[:-1],

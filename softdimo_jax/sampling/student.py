@@ -9,7 +9,8 @@ noise, plus the class label. One forward gives logits z (B, L, S, V); then
   decoder reads continuous bits, so the soft sample is a smooth function of the generator.
 
 The EMA weights are the default (`core.dimo.generator_params(state)`), as in the reference.
-`sample_cli_hook` has the signature `softdimo_jax.sample` expects for `--mode student`.
+`one_step_logits` serves every family's adapter (class labels or text conditions); the
+commands reach it through `softdimo_jax.sampling.api`, which adds each family's decode.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ MODES = ("hard", "soft")
 
 def one_step_logits(adapter, params, rng, labels, *, r_init: float = 0.6, sigma_init: float = 0.1,
                     init_mask_mode: str = "position"):
-    """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic."""
-    labels = jnp.asarray(labels, jnp.int32)
+    """z = G(perturbed embedding of the initial state, labels): (B, L, S, V), deterministic.
+    labels: (B,) class ids, or the adapter's text conditions (a dict of (B, ...) arrays)."""
+    if not isinstance(labels, dict):
+        labels = jnp.asarray(labels, jnp.int32)
     e = initial_embeddings(adapter, params, rng, labels, r_init=r_init, sigma_init=sigma_init,
                            init_mask_mode=init_mask_mode)
     return adapter.student_logits(params, labels, embeddings=e)
@@ -47,7 +50,10 @@ def initial_embeddings(adapter, params, rng, labels, *, r_init: float, sigma_ini
     """The generator's input: embedded initial state (exactly round(r_init·L) MASK positions),
     σ-perturbed. TTEO optimises this tensor; plain sampling uses it as drawn."""
     k_tok, k_eps = jax.random.split(rng)
-    _, tokens = initial_tokens(k_tok, labels.shape[0], adapter, r_init, init_mask_mode)
+    batch = jax.tree.leaves(labels)[0].shape[0]
+    # Text adapters take their conditions as given (a batch of exactly `batch` rows).
+    conditions = labels if isinstance(labels, dict) else None
+    _, tokens = initial_tokens(k_tok, batch, adapter, r_init, init_mask_mode, conditions)
     e = adapter.embed(params, tokens)
     return perturb(e, jax.random.normal(k_eps, e.shape, jnp.float32), sigma_init)
 
@@ -128,15 +134,3 @@ def sample_student_images(model, params, tokenizer, tok_params, distill_config, 
         imgs = sample(params, tok_params, jax.random.fold_in(jax.random.PRNGKey(seed), i), padded)
         out.append(np.asarray(imgs)[:n])
     return np.concatenate(out)
-
-
-def sample_cli_hook(model, mesh, sampler_kwargs: dict) -> Callable:
-    """`softdimo_jax.sample` SAMPLERS['student'] hook. Recognised sampler_kwargs:
-    student_mode ('hard'|'soft'), r_init, sigma_init, student_temperature (hard
-    sampling temperature), soft_tau; the teacher-only keys are ignored."""
-    kw = dict(sampler_kwargs)
-    return make_student_sampler(
-        model, mesh=mesh, mode=kw.get("student_mode", "hard"), r_init=kw.get("r_init", 0.6),
-        sigma_init=kw.get("sigma_init", 0.1), temperature=kw.get("student_temperature", 1.0),
-        tau=kw.get("soft_tau", 1.0),
-    )

@@ -1,4 +1,5 @@
-"""Test-time embedding optimisation (TTEO, SPEC §1.5) for the one-step generator.
+"""Test-time embedding optimisation (TTEO, SPEC §1.5) for the one-step generator of any
+class-conditional family (the adapter and soft decode come from `sampling.api`).
 
 Weights stay frozen. The generator's input embedding e (the σ-perturbed embedding of the
 random, partly masked initial tokens — exactly what `sampling/student.py` feeds it) is
@@ -27,9 +28,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from softdimo_jax.core.adapters import LFQBertAdapter
 from softdimo_jax.models.soft_embed import SoftEmbedder
 from softdimo_jax.runtime import mesh as meshlib
+from softdimo_jax.runtime.converted import family_of
+from softdimo_jax.sampling import api
 from softdimo_jax.sampling.student import initial_embeddings
 
 MAX_BEST_OF = 16
@@ -80,17 +82,24 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
         raise ValueError(f"unknown TTEO selection score {select!r}; choose one of {SELECT}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
-    adapter = LFQBertAdapter.from_module(model, dropout=0.0, dtype=dtype, remat=False)
+    # The family's one-step adapter and soft decode (sampling.api), as `sample` uses them.
+    spec = api.family_sampling(family_of(model))
+    if spec.conditioning != "class":
+        raise NotImplementedError("TTEO needs a reward of class-conditional images; text-to-image rewards "
+                                  "(prompt-aligned scores) are not wired into it yet")
+    adapter = spec.adapter(model, dtype, {})
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
     # The soft decode the reward sees is deterministic ('soft' expectation) unless the
     # relaxation itself is stochastic; Gumbel modes get a fixed key per call.
     mesh = meshlib.as_auto_mesh(mesh if mesh is not None else meshlib.make_mesh())
     grid = tuple(grid)
+    if grid[0] * grid[1] != adapter.num_tokens or grid[0] != grid[1]:
+        raise ValueError(f"token grid {grid} is not the generator's square grid of {adapter.num_tokens} tokens")
 
     def soft_reward(gp, tp, rp, e, labels, k_soft):
         z = adapter.student_logits(gp, labels, embeddings=e)
-        bits = embedder.decoder_bits(z, grid, k_soft if soft_mode.startswith("gumbel") else None)
-        images = tokenizer.apply({"params": tp}, bits, method=type(tokenizer).decode_bits)
+        images = spec.decode_soft(tokenizer, tp, z, labels, model, embedder,
+                                  k_soft if soft_mode.startswith("gumbel") else None)
         total, _ = reward_set.total(rp, images, labels)
         return total, z
 
@@ -122,8 +131,9 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
             z, r_kept = z_all, r_final
 
         out = {}
-        if output == "soft":
-            out["bits"] = embedder.bits(z, k_out if soft_mode.startswith("gumbel") else None)
+        if output == "soft":  # MaskBit: expected bits; token-codebook families: code probabilities
+            key = k_out if soft_mode.startswith("gumbel") else None
+            out.update(spec.soft_output(embedder, z, key))
         elif temperature == 0:
             out["tokens"] = jnp.argmax(z, axis=-1).astype(jnp.int32)
         else:
