@@ -9,7 +9,8 @@ TPU pods or GPU hosts (launch/tpu_train.sh, launch/gpu_train.sh), all through
   distill  Di[M]O from a converted teacher; the family comes from the checkpoint: MaskBit
            (configs/maskbit_imagenet256_distill.py), MaskGIT with the taming VQGAN
            (configs/maskgit_imagenet256_distill.py) or MaskGen from a prompt file with the
-           OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py);
+           OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py), or Meissonic from
+           precomputed prompt embeddings (configs/meissonic_t2i_distill.py);
   gan      Soft-Di[M]O GAN refinement of the distilled MaskBit state in the same workdir
            (configs/maskbit_imagenet256_gan.py);
   reward   reward fine-tuning of the GAN-refined (or distilled) MaskBit state in the same
@@ -36,7 +37,8 @@ from softdimo_jax.data.clip_bpe import ClipBPETokenizer
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.maskgit import MaskGITTransformer
-from softdimo_jax.pipelines import phases, report
+from softdimo_jax.models.meissonic import MeissonicTransformer
+from softdimo_jax.pipelines import meissonic_t2i, phases, report
 from softdimo_jax.pipelines.context import SeedOffsets
 from softdimo_jax.runtime import artifacts, checkpointing
 from softdimo_jax.runtime import mesh as meshlib
@@ -146,7 +148,10 @@ def distill(config, workdir: str) -> None:
     and writes one-step sample grids (hard and soft) when a tokenizer checkpoint is given."""
     dcfg = config.distill
     mesh = distill_mesh(dcfg)
-    model, params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
+    if meissonic_t2i.uses_random_models(config):
+        model, params, (tok_model, tok_params) = meissonic_t2i.random_models(config)
+    else:
+        model, params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
     check_family(config, model)
     stage_dir = os.path.join(workdir, "distill")
     seed = int(dcfg.seed) + SeedOffsets.STUDENT_ROWS
@@ -164,10 +169,20 @@ def distill(config, workdir: str) -> None:
         # The grid shows the file's first captions, the same on every host (the table is
         # this host's share).
         conds = encode_captions(clip, clip_params, bpe, prompts.read_prompts(config.prompt_file)[:n])
+    elif isinstance(model, MeissonicTransformer):
+        table = meissonic_t2i.prompt_table(config, model)
+        log(f"[distill] {len(table)} prompt embeddings on this host (process {jax.process_index()})")
+        adapter = make_adapter(model, dcfg, **prompts.null_conditions_kwargs(table))
+        batch_fn = table.batch_fn(int(dcfg.batch_size), int(dcfg.seed))
+        conds = meissonic_t2i.grid_conditions(config, model, n)
     result, distiller = phases.train_distill(dcfg, model, params, stage_dir, mesh, fingerprint=fp,
                                              adapter=adapter, batch_fn=batch_fn)
-    if tok_model is None:
-        log("[distill] no tokenizer_checkpoint: skipping the sample grid")
+    if isinstance(model, MeissonicTransformer):
+        student = phases.export_student(stage_dir, "meissonic_transformer", model,
+                                        generator_params(result.state, dcfg.sample.use_ema))
+        log(f"[distill] student weights -> {student}")
+    if tok_model is None or n <= 0:
+        log("[distill] no tokenizer_checkpoint or grid_samples = 0: skipping the sample grid")
         return
     gen = generator_params(result.state, dcfg.sample.use_ema)
     for mode in ("hard", "soft"):
@@ -189,6 +204,10 @@ def distill(config, workdir: str) -> None:
                 model, g, tok_model, t, c, r, float(dcfg.get("aesthetic_score", 6.5)), r_init=float(dcfg.r_init),
                 sigma=float(dcfg.sigma_init), temperature=float(dcfg.sample.temperature), soft=soft)[0],
                 out_shardings=meshlib.replicated(mesh))
+            images = np.asarray(run(gen, tok_params, conds, jax.random.PRNGKey(seed)))
+        elif isinstance(model, MeissonicTransformer):
+            run = jax.jit(lambda g, t, c, r, soft=mode == "soft": meissonic_t2i.one_step_images(
+                model, g, tok_model, t, c, r, dcfg, soft), out_shardings=meshlib.replicated(mesh))
             images = np.asarray(run(gen, tok_params, conds, jax.random.PRNGKey(seed)))
         else:
             raise NotImplementedError(f"no one-step grid for {type(model).__name__}")
