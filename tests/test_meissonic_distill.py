@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from helpers import FAST
 from softdimo_jax.conversion.meissonic import convert_meissonic_transformer
@@ -118,7 +119,21 @@ def _leaves(tree):
     return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_tiny_preset_distills_on_8_devices_resumes_exactly_and_refuses_other_families(tmp_path, monkeypatch):
+@pytest.fixture
+def xla_cache(tmp_path):
+    """A persistent compilation cache for this test only: its three runs compile the same programs."""
+    keys = {"jax_compilation_cache_dir": str(tmp_path / "xla_cache"), "jax_persistent_cache_min_compile_time_secs": 0.0}
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in keys.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def test_tiny_preset_distills_on_8_devices_resumes_exactly_and_refuses_other_families(tmp_path, monkeypatch,
+                                                                                        xla_cache):
     """configs/meissonic_t2i_distill.py:tiny through the distill pipeline (random tiny models and
     conditions, all 8 devices, FSDP 2): finite losses, θ and ψ move except the frozen embedding
     block and MLM head, the student is exported, the one-step grids are written; 2 steps then a
@@ -159,7 +174,7 @@ def test_tiny_preset_distills_on_8_devices_resumes_exactly_and_refuses_other_fam
     at_scale.distill(config, a)
     at_scale.distill(config, str(tmp_path / "b"))
     resumed, straight = runs[1][0], runs[2][0]
-    assert resumed.resumed and int(resumed.state.step) == int(straight.state.step) == 4
+    assert resumed.resumed_from == 2 and int(resumed.state.step) == int(straight.state.step) == 4
     got, want = _leaves(resumed.state), _leaves(straight.state)
     assert got.keys() == want.keys()
     for k in want:
