@@ -5,7 +5,7 @@
     python -m softdimo_jax.main --config=configs/meissonic_t2i_distill.py \\
         --workdir=gs://BUCKET/dimo_meissonic --config.prompt_embeddings=gs://BUCKET/prompts_clip_h.npz \\
         --config.teacher_checkpoint=... --config.tokenizer_checkpoint=...
-    # smoke test, random tiny models and random conditions, seconds on a CPU:
+    # smoke test, random tiny models and random conditions (~1 min of CPU, mostly XLA compiles):
     python -m softdimo_jax.main --config=configs/meissonic_t2i_distill.py:tiny --workdir=/tmp/meissonic_tiny
 
 Conditions: the CLIP-ViT-H-14 text tower is not ported yet, so the prompts come as an .npz of

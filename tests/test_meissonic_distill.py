@@ -96,6 +96,8 @@ def test_adapter_cfg_and_perturbed_call_equal_the_original(tfx):
     assert optim.resolve_frozen(params, ("input_embedding", "output_head", "output_bias", "position_embedding"),
                                 a) == ["embed_embeddings", "embed_layer_norm", "embed_conv", "mlm_conv1",
                                        "mlm_layer_norm", "mlm_conv2"]
+    with pytest.raises(ValueError, match="text conditions"):
+        a.draw_labels(jax.random.PRNGKey(0), 1, None)
     # Soft tokens: one-hot probabilities through embed_soft are the hard embedding.
     one_hot = jax.nn.one_hot(tokens[..., 0], model.vocab_size)
     np.testing.assert_allclose(np.asarray(a.embed_soft(params, one_hot)), np.asarray(a.embed(params, tokens)),

@@ -359,6 +359,9 @@ class MeissonicAdapter:
 
     def draw_labels(self, rng, batch: int, conditions):
         """As MaskGen's: the batch's rows of {"condition", "pooled"} (drawn when N != batch)."""
+        if conditions is None:
+            raise ValueError("Meissonic distillation needs text conditions: pass the step a conditions batch "
+                             "(softdimo_jax.data.prompt_embeddings)")
         return MaskGenAdapter.draw_labels(self, rng, batch, conditions)
 
     def _ids(self, tokens):
