@@ -384,6 +384,19 @@ class MeissonicTransformer(nn.Module):
             return logits, inter
         return logits
 
+    def embed_block(self, tokens=None, input_embeddings=None):
+        """The embedding block's output (B, H, W, C): ids (or soft p @ E) -> RMSNorm -> 1x1 conv,
+        the same ops as `__call__` (read from the params). This is what Di[M]O perturbs and what
+        `embedded=` takes."""
+        if (tokens is None) == (input_embeddings is None):
+            raise ValueError("pass exactly one of tokens (B, H, W) or input_embeddings (B, H, W, C)")
+        p, dt = self.variables["params"], self.dtype
+        e = (jnp.take(p["embed_embeddings"]["embedding"], jnp.asarray(tokens, jnp.int32), axis=0)
+             if tokens is not None else input_embeddings)
+        h = rms_norm(e, p["embed_layer_norm"]["scale"]).astype(dt)
+        kernel = p["embed_conv"]["kernel"].astype(dt)
+        return jax.lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+
     def embed_probs(self, probs):
         """Soft tokens p @ E (B, H, W, C), before the embedding RMSNorm; probs over the
         codebook_size codes or the whole vocabulary."""

@@ -9,7 +9,8 @@ TPU pods or GPU hosts (launch/tpu_train.sh, launch/gpu_train.sh), all through
   distill  Di[M]O from a converted teacher; the family comes from the checkpoint: MaskBit
            (configs/maskbit_imagenet256_distill.py), MaskGIT with the taming VQGAN
            (configs/maskgit_imagenet256_distill.py) or MaskGen from a prompt file with the
-           OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py);
+           OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py), or Meissonic from
+           precomputed prompt embeddings (configs/meissonic_t2i_distill.py);
   gan      Soft-Di[M]O GAN refinement of the distilled MaskBit state in the same workdir
            (configs/maskbit_imagenet256_gan.py);
   reward   reward fine-tuning of the GAN-refined (or distilled) MaskBit state in the same
@@ -38,7 +39,8 @@ from softdimo_jax.core.gan import GanRefiner
 from softdimo_jax.data import prompts, tfds_images
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
-from softdimo_jax.pipelines import phases, report
+from softdimo_jax.models.meissonic import MeissonicTransformer
+from softdimo_jax.pipelines import meissonic_t2i, phases, report
 from softdimo_jax.pipelines.context import SeedOffsets
 from softdimo_jax.runtime import artifacts, checkpointing
 from softdimo_jax.runtime import mesh as meshlib
@@ -165,7 +167,10 @@ def distill(config, workdir: str) -> None:
     when a tokenizer checkpoint is given."""
     dcfg = config.distill
     mesh = distill_mesh(dcfg)
-    model, params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
+    if meissonic_t2i.uses_random_models(config):
+        model, params, (tok_model, tok_params) = meissonic_t2i.random_models(config)
+    else:
+        model, params, (tok_model, tok_params) = load_teacher_and_tokenizer(config)
     check_family(config, model)
     stage_dir = os.path.join(workdir, "distill")
     n = int(config.get("grid_samples", 16))
@@ -183,11 +188,37 @@ def distill(config, workdir: str) -> None:
         # this host's share).
         text = api.TextEncoder(clip, clip_params, bpe)
         captions = prompts.read_prompts(config.prompt_file)[:n]
+    elif isinstance(model, MeissonicTransformer):
+        table = meissonic_t2i.prompt_table(config, model)
+        log(f"[distill] {len(table)} prompt embeddings on this host (process {jax.process_index()})")
+        adapter = make_adapter(model, dcfg, **prompts.null_conditions_kwargs(table))
+        batch_fn = table.batch_fn(int(dcfg.batch_size), int(dcfg.seed))
     result, distiller = phases.train_distill(dcfg, model, params, stage_dir, mesh, fingerprint=fp,
                                              adapter=adapter, batch_fn=batch_fn)
     gen = generator_params(result.state, dcfg.sample.use_ema)
-    student_outputs("distill", config, stage_dir, model, gen, tok_model, tok_params, distiller.mesh, text, captions)
+    if isinstance(model, MeissonicTransformer):
+        meissonic_outputs(config, stage_dir, model, gen, tok_model, tok_params, distiller.mesh, n)
+    else:
+        student_outputs("distill", config, stage_dir, model, gen, tok_model, tok_params, distiller.mesh, text, captions)
     write_local_report(workdir)
+
+
+def meissonic_outputs(config, stage_dir: str, model, gen_params, tok_model, tok_params, mesh, n: int) -> None:
+    """Meissonic's student export and one-step grids (it is not in the sampling API yet, so
+    `sample` / `evaluate` do not load it): conditions from the prompt-embedding file."""
+    dcfg = config.distill
+    student = phases.export_student(stage_dir, "meissonic_transformer", model, gen_params, stage="distill")
+    log(f"[distill] student weights -> {student}")
+    if tok_model is None or n <= 0:
+        log("[distill] no tokenizer_checkpoint or grid_samples = 0: skipping the sample grid")
+        return
+    conds = meissonic_t2i.grid_conditions(config, model, n)
+    seed = int(dcfg.seed) + SeedOffsets.STUDENT_ROWS
+    for mode in ("hard", "soft"):
+        run = jax.jit(lambda g, t, c, r, soft=mode == "soft": meissonic_t2i.one_step_images(
+            model, g, tok_model, t, c, r, dcfg, soft), out_shardings=meshlib.replicated(mesh))
+        images = np.asarray(run(gen_params, tok_params, conds, jax.random.PRNGKey(seed)))
+        artifacts.save_grid(stage_dir, f"student_{mode}", images, nrow=None)
 
 
 # --------------------------------------------------------------------------- GAN
