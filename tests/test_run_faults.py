@@ -180,6 +180,15 @@ def test_changed_setting_is_refused_naming_the_directory(tmp_path):
     assert not again.trained
 
 
+def test_display_and_save_cadence_settings_are_not_identity(tmp_path):
+    """grid_samples / log_every / ckpt_every shape what a run shows, not its state: a change
+    of these alone restores the finished stage."""
+    ident_trainer(str(tmp_path)).run()
+    tr = ident_trainer(str(tmp_path))
+    tr.config_json["config"].update(grid_samples=0, train={"lr": 0.1, "num_steps": 4, "log_every": 7})
+    assert not tr.run().trained
+
+
 def test_longer_num_steps_resumes_and_extends(tmp_path):
     ident_trainer(str(tmp_path)).run()
     longer = ident_trainer(str(tmp_path), num_steps=6).run()

@@ -202,6 +202,12 @@ def _short(value: Any, limit: int = 48) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Settings that shape what a run shows or how often it saves, never the trained state: a
+# change of these alone resumes the stage.
+NOT_IDENTITY = frozenset({"grid_samples", "grid_labels", "log_every", "ckpt_every", "keep_checkpoints",
+                          "eval_every", "fid_every"})
+
+
 def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: str, name: str) -> list[str]:
     """Raises StaleStageError unless the stored identity equals `identity`, up to a longer
     run of this very stage (its own num_steps raised: resume and extend).
@@ -215,6 +221,8 @@ def check_identity(meta: dict | None, identity: Any, num_steps: int, stage_dir: 
     stored_target = meta.get("num_steps", meta.get("step"))
     changed, upstream = [], False
     for path, old, new in identity_diffs(meta["config"], now):
+        if path.rsplit(".", 1)[-1] in NOT_IDENTITY:
+            continue
         extends = (path.rsplit(".", 1)[-1] == "num_steps" and not path.startswith("upstream.")
                    and isinstance(old, int) and old == stored_target and new == num_steps and new > old)
         if not extends:
