@@ -259,7 +259,10 @@ def saved_run_config(workdir: str, stage: str = "distill") -> dict | None:
         meta = None if step is None else checkpointing.read_meta(manager, step)
     finally:
         manager.close()
-    return meta.get("config") if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
+    saved = meta.get("config") if isinstance(meta, dict) else None
+    if isinstance(saved, dict) and set(saved) == {"config", "upstream"}:
+        saved = saved["config"]  # a refinement stage's identity: its config + upstream identities
+    return saved if isinstance(saved, dict) else None
 
 
 def with_distill_settings(config, workdir: str, phase: str, *, gan: bool = False):

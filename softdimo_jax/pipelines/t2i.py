@@ -32,7 +32,7 @@ from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.tatitok import TATiTok
 from softdimo_jax.pipelines import at_scale, phases
 from softdimo_jax.runtime import artifacts
-from softdimo_jax.runtime.artifacts import log, to_jsonable
+from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
 
@@ -91,7 +91,7 @@ def t2i_reward(config, workdir: str) -> None:
         "reward", refiner, refiner.init_state, (start,), rcfg, stage_dir,
         batch_fn=table.batch_fn(int(rcfg.batch_size), int(rcfg.seed)),
         frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
-        keep=int(dcfg.keep_checkpoints), fingerprint=to_jsonable(config))
+        keep=int(dcfg.keep_checkpoints), fingerprint=at_scale.stage_identity(config, workdir, "distill"))
     gen = generator_params(result.state, dcfg.sample.use_ema)
     log(f"[reward] generator weights -> {phases.export_student(stage_dir, 'maskgen_vq', model, gen)}")
     n = max(int(config.get("grid_samples", 16)), mesh.size)
