@@ -250,7 +250,8 @@ def generate_sample_batches(args: argparse.Namespace, gen: api.Generator,
 def scored(batches: Iterator[np.ndarray], captions, rset, encoders, scores: dict, *, num_images: int,
            batch_size: int, mesh) -> Iterator[np.ndarray]:
     """Yields the first `num_images` images of `batches` unchanged, scoring each batch against
-    its captions (captions[i] for image i) into `scores` ({reward name: [(b,) arrays]})."""
+    its captions (captions[i] for image i) into `scores` ({reward name: [(b,) arrays]}).
+    `batches` is read to its end (a generator's --save-samples writer closes there)."""
     start = 0
     for images in batches:
         images = images[: num_images - start]
@@ -261,8 +262,6 @@ def scored(batches: Iterator[np.ndarray], captions, rset, encoders, scores: dict
                 scores.setdefault(name, []).append(v)
             start += len(images)
             yield images
-        if start >= num_images:
-            return
 
 
 def reward_summary(scores: dict) -> dict:

@@ -488,6 +488,15 @@ def test_geneval_folder_from_a_maskgen_student(clip_ckpt, maskgen_run, tmp_path,
     assert "2 prompts x 2 images" in capsys.readouterr().err
     assert _rc([*gen, "--geneval-metadata", str(meta), "--geneval-out", str(out)]) == 2
     assert "not empty" in one_error_line(capsys, "evaluate")
+    # rewards of the generator's own samples (its captions), no FID, samples saved on the way
+    assert _rc([*gen, "--prompt-file", maskgen_run["prompts"], "--num-samples", "4", "--reward",
+                f"clip_score={clip_ckpt}", "--save-samples", str(tmp_path / "s.npz"), "--out", str(tmp_path / "g")]) == 0
+    g = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert g["num_scored"] == 4 and g["generator"]["family"] == "maskgen_vq"
+    assert np.isfinite(g["rewards"]["clip_score"]["std"])
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (4, SIDE, SIDE, 3)
+    capsys.readouterr()
     res = tmp_path / "res"
     assert _rc(["--score-geneval", str(out), "--reward", f"clip_score={clip_ckpt}",
                 "--bpe-merges", maskgen_run["bpe"], "--out", str(res)]) == 0
