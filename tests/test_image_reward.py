@@ -252,3 +252,33 @@ def test_t2i_pipeline_encodes_image_reward_prompts_with_wordpiece(tmp_path, monk
     monkeypatch.delenv("SOFTDIMO_BERT_VOCAB", raising=False)
     with pytest.raises(BadInput, match="vocab"):
         PROMPT_ENCODERS["image_reward"](ml_collections.ConfigDict({"bert_vocab": ""}))
+
+
+def test_evaluate_cli_scores_samples_with_image_reward(tmp_path, monkeypatch, capsys):
+    """`evaluate --reward image_reward=DIR --bert-vocab vocab.txt` scores an ADM sample set
+    against its captions (BERT WordPiece prompts); without a vocab it is one line, exit 2."""
+    from softdimo_jax import evaluate
+    from softdimo_jax.core.image_reward import image_reward
+    from softdimo_jax.data.wordpiece import WordPieceTokenizer
+    from softdimo_jax.runtime.converted import save_converted
+
+    model, params, _, _ = _tiny()
+    save_converted(str(tmp_path / "ir"), "blip", model, params)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog"]) + "\n")
+    (tmp_path / "prompts.txt").write_text("a red cat\na dog\n")
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    args = ["--samples", str(tmp_path / "s.npz"), "--prompt-file", str(tmp_path / "prompts.txt"),
+            "--reward", f"image_reward={tmp_path / 'ir'}", "--batch-size", "4", "--num-devices", "1"]
+    assert evaluate.main([*args, "--bert-vocab", str(vocab), "--out", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "metrics.json").read_text())["rewards"]["image_reward"]
+    ids, mask = WordPieceTokenizer(str(vocab))(["a red cat", "a dog", "a red cat"])
+    want = np.asarray(image_reward(model, params, images.astype(np.float32) / 255.0, ids, mask))
+    np.testing.assert_allclose(got["mean"], want.mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["std"], want.std(), rtol=1e-3, atol=1e-5)
+    capsys.readouterr()
+    monkeypatch.delenv("SOFTDIMO_BERT_VOCAB", raising=False)
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate: --reward:") and "vocab" in err[0], err

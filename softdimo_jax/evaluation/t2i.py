@@ -149,6 +149,24 @@ def generate_geneval_folder(sample_fn: Callable[[list[str], Any], Any], metadata
 # --------------------------------------------------------------------------- scoring
 
 
+# id(reward set) -> (the set, its jitted total): one compile per reward set and batch shape,
+# however many calls score it (the evaluate CLI scores a sample set batch by batch).
+_JITTED: dict = {}
+
+
+def _jitted_total(reward_set):
+    hit = _JITTED.get(id(reward_set))
+    if hit is None or hit[0] is not reward_set:
+        def run(params, x, cond):
+            x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
+            return reward_set.total(params, x, cond)
+
+        if len(_JITTED) >= 8:  # a handful of reward sets per process at most
+            _JITTED.clear()
+        hit = _JITTED[id(reward_set)] = (reward_set, jax.jit(run))
+    return hit[1]
+
+
 def score_images(reward_set, images, captions: Sequence[str], *, batch_size: int = 8, mesh=None,
                  encoders: Mapping[str, Any] | None = None) -> dict:
     """Per-image rewards of `images` ((N, H, W, 3), uint8 or float in [0, 1]) against
@@ -166,11 +184,7 @@ def score_images(reward_set, images, captions: Sequence[str], *, batch_size: int
     if mesh is not None:
         batch_size += (-batch_size) % mesh.size
 
-    @jax.jit
-    def run(params, x, cond):
-        x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
-        return reward_set.total(params, x, cond)
-
+    run = _jitted_total(reward_set)
     totals, parts = [], {r.name: [] for r in reward_set.rewards}
     for s in range(0, len(images), batch_size):
         idx = np.arange(s, min(s + batch_size, len(images)))
