@@ -251,13 +251,14 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
             raise ConfigMismatchError(f"{path} was converted for another config ({lines})")
     restored = orbax().StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR))
     params = restored["params"]
-    expected = _expected_params(model)
+    expected = expected_params(model)
     check_params_match(params, expected, name=path)
     params = jax.tree.map(lambda x: np.asarray(x), params)
     return model, params
 
 
-def _expected_params(model):
+def expected_params(model):
+    """The params shape tree of a registered family's module (what a checkpoint must hold)."""
     return _resolve(FAMILIES[family_of(model)].expected)(model)
 
 

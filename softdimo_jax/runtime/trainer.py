@@ -189,11 +189,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- placement
     def _place(self, tree):
-        """Puts a host/device pytree on the mesh with the params sharding rule."""
+        """Puts a host/device pytree on the mesh with the params sharding rule (abstract
+        leaves get the sharding attached: the AOT tool builds Trainers without arrays)."""
         if tree is None:
             return None
-        shardings = meshlib.params_shardings(self.mesh, tree, self.fsdp)
-        return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+        return meshlib.place(tree, meshlib.params_shardings(self.mesh, tree, self.fsdp))
 
     def global_batch(self, local_batch):
         """Process-local host batch -> global arrays sharded over the batch axis."""
