@@ -17,7 +17,9 @@ chip's HBM, FLOPs per step and per image, and, last, one line scripts read:
 
 (`gflops_per_step` per device). `--find_batch` compiles at 1 and 2 images per chip, fits the
 peak's straight line in the batch, then checks its prediction (stepping down until it
-fits). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs).
+fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
+peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
+`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs).
 v4 topologies use the megacore chip config (one device per chip). Phases: distill (every
 family), gan and reward (MaskBit), teacher (MaskBit). Notes: XLA counts a loop body once in
 `cost_analysis`; our transformers unroll their layers, so the FLOPs are whole.
@@ -66,6 +68,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_chip_batch", 0, "images per chip (0: the config's global batch / chips)")
     flags.DEFINE_bool("find_batch", False, "report the largest per-chip batch that fits")
     flags.DEFINE_integer("fsdp", 0, "size of the 'fsdp' mesh axis (0: the config's)")
+    flags.DEFINE_list("depths", [], "two teacher depths D1,D2: compile there and extrapolate to the full depth")
 
 
 # --------------------------------------------------------------------------- devices
@@ -122,9 +125,15 @@ def _model_spec(path: str, family: str, bits: int | None, *, what: str):
     return family, {k: config_value_to_json(v) for k, v in cfg.items()}
 
 
-def build_model(path: str, family: str, bits: int | None = None, *, what: str, **runtime):
-    """(model, abstract float32 params) without reading any weights."""
+def build_model(path: str, family: str, bits: int | None = None, *, what: str, depth: int | None = None,
+                **runtime):
+    """(model, abstract float32 params) without reading any weights; `depth` overrides the
+    number of transformer layers (the depth extrapolation of `--depths`)."""
     fam, cfg = _model_spec(path, family, bits, what=what)
+    if depth:
+        if "depth" not in cfg:
+            raise BadInput(f"the {fam} {what} has no 'depth' field — drop --depths")
+        cfg["depth"] = int(depth)
     cfg.update({k: config_value_to_json(v) for k, v in runtime.items()})
     model = FAMILIES[fam].build(cfg)
     params = jax.eval_shape(lambda: expected_params(model))
@@ -133,10 +142,10 @@ def build_model(path: str, family: str, bits: int | None = None, *, what: str, *
     return model, params
 
 
-def teacher_model(config):
+def teacher_model(config, depth: int | None = None):
     d = config.distill
     return build_model(config.get("teacher_checkpoint", ""), config.get("teacher_family") or "maskbit_generator",
-                       what="teacher", dtype=d.compute_dtype, remat=bool(d.remat))
+                       what="teacher", depth=depth, dtype=d.compute_dtype, remat=bool(d.remat))
 
 
 def tokenizer_model(config, bits: int):
@@ -174,14 +183,17 @@ def set_global_batch(config, phase: str, batch: int) -> None:
         config.distill.batch_size = batch
 
 
-def build_phase(config, phase: str, mesh):
+def build_phase(config, phase: str, mesh, depth: int | None = None):
     """(trainer, batch) of `phase`: the Trainer the run builds, over abstract arrays, and the
-    abstract global batch of one step."""
+    abstract global batch of one step (`depth`: the teacher's layers, for --depths)."""
     if phase == "teacher":
         tok, tok_params = tokenizer_model(config, int(config.tokenizer.num_bits))
         size = int(config.data.image_size)
         grid = size // tok.downsample_factor
-        model = objectives.teacher_from_config(config.teacher.model, grid * grid, tok.num_bits)
+        mcfg = config.teacher.model.copy_and_resolve_references()
+        if depth:
+            mcfg.depth = int(depth)
+        model = objectives.teacher_from_config(mcfg, grid * grid, tok.num_bits)
         b = int(config.teacher.train.batch_size)
         trainer = phases.teacher_trainer(
             model, config.teacher.train, None, None, tokenizer=tok, frozen={"tokenizer": tok_params}, mesh=mesh,
@@ -189,7 +201,7 @@ def build_phase(config, phase: str, mesh):
         return trainer, {"image": struct((b, size, size, 3), jnp.float32, mesh), "label": struct((b,), jnp.int32, mesh)}
 
     dcfg = config.distill
-    model, teacher = teacher_model(config)
+    model, teacher = teacher_model(config, depth)
     if phase == "distill":
         batch, kwargs = None, {}
         if isinstance(model, MaskGenVQ):
@@ -256,7 +268,8 @@ _OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topology: str) -> dict:
+def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topology: str,
+            depth: int | None = None) -> dict:
     """Compiles the step at `per_chip` images per chip; returns the per-device numbers."""
     config = config.copy_and_resolve_references()
     n = len(devices)
@@ -267,9 +280,9 @@ def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topolog
     if n % f:
         raise BadInput(f"fsdp={f} does not divide the {n} devices of {topology} — pass --fsdp=F with F | {n}")
     mesh = meshlib.make_mesh(n, fsdp=f, devices=devices)
-    trainer, batch = build_phase(config, phase, mesh)
+    trainer, batch = build_phase(config, phase, mesh, depth)
     t0 = time.time()
-    out = dict(per_chip_batch=per_chip, global_batch=per_chip * n, devices=n, mesh=dict(mesh.shape))
+    out = dict(per_chip_batch=per_chip, global_batch=per_chip * n, devices=n, mesh=dict(mesh.shape), depth=depth)
     try:
         compiled = compile_step(trainer, batch)
     except Exception as e:  # XlaRuntimeError: an OOM is reported at compile time on TPU
@@ -321,11 +334,57 @@ def find_batch(config, phase, devices, fsdp, topology) -> dict:
     return best
 
 
+def full_depth(config, phase: str) -> int:
+    if phase == "teacher":
+        return int(config.teacher.model.depth)
+    return int(teacher_model(config)[0].depth)
+
+
+def extrapolate(config, phase, devices, fsdp, topology, depths: tuple[int, int], per_chip: int | None) -> dict:
+    """Per-device peak and FLOPs at the full depth from compiles at two shallower depths.
+
+    Every term of the step is linear in the layer count at a fixed batch (parameters,
+    optimiser state, the per-layer activations remat keeps, the FLOPs), and linear in the
+    batch at a fixed depth, so peak(d, b) = c0 + c1 d + b (c2 + c3 d): two depths × two
+    batches fix it. With `per_chip` the batch is given (two compiles, at that batch), else
+    the largest batch under the chip's HBM is solved for (four compiles at 1 and 2 per chip).
+    An estimate: full-depth compiles take minutes to hours on a small host."""
+    d1, d2 = depths
+    dn = full_depth(config, phase)
+    batches = (per_chip,) if per_chip else (1, 2)
+    runs = {(d, b): analyse(config, phase, devices, b, fsdp, topology, depth=d) for d in (d1, d2) for b in batches}
+    for r in runs.values():
+        if "memory" not in r:
+            raise RunFailure(f"the depth-{r['depth']} step at {r['per_chip_batch']} per chip does not fit "
+                             f"{topology} already — compile at full depth or use a bigger slice")
+    lin = lambda y1, y2: y1 + (y2 - y1) * (dn - d1) / (d2 - d1)
+    at = lambda b, key: lin(runs[(d1, b)][key], runs[(d2, b)][key])
+    hbm = hbm_gib(topology)
+    if per_chip:
+        b, peak = per_chip, at(per_chip, "peak")
+        flops = at(per_chip, "flops")
+    else:
+        p1, p2 = at(1, "peak"), at(2, "peak")
+        slope = max(p2 - p1, 1.0)
+        b = int((hbm * GIB - p1) // slope) + 1 if hbm else 2
+        peak = p1 + (b - 1) * slope
+        flops = at(1, "flops") + (b - 1) * (at(2, "flops") - at(1, "flops"))
+    ref = runs[(d2, batches[-1])]
+    mem = {k: lin(runs[(d1, batches[-1])]["memory"][k], ref["memory"][k]) for k in ref["memory"]}
+    n = ref["devices"]
+    return dict(per_chip_batch=max(b, 0), global_batch=max(b, 0) * n, devices=n, mesh=ref["mesh"], peak=peak,
+                flops=flops, fits=hbm is None or (b >= 1 and peak <= hbm * GIB), seconds=sum(
+                    r["seconds"] for r in runs.values()), extrapolated=f"depths {d1},{d2} -> {dn}",
+                memory=mem if per_chip else {})
+
+
 def report(r: dict, topology: str, phase: str) -> list[str]:
     hbm = hbm_gib(topology)
     gib = lambda x: f"{x / GIB:.3f} GiB"
     lines = [f"topology {topology}: {r['devices']} devices, mesh {r['mesh']}, global batch {r['global_batch']}, "
              f"compiled in {r['seconds']:.1f}s"]
+    if r.get("extrapolated"):
+        lines.append(f"  ESTIMATE: linear in the teacher's layers, compiled at {r['extrapolated']}")
     if "memory" in r:
         for k, v in r["memory"].items():
             lines.append(f"  per device {k:>15}: {gib(v)}")
@@ -358,7 +417,18 @@ def main(argv) -> int:
         raise BadInput(f"this config has no {phase!r} block — use its own phase or the {phase} config")
     topology = FLAGS.topology
     devices = topology_devices(topology, FLAGS.num_slices)
-    if FLAGS.find_batch:
+    if FLAGS.depths:
+        try:
+            d1, d2 = (int(x) for x in FLAGS.depths)
+            assert 0 < d1 < d2
+        except (ValueError, AssertionError):
+            raise BadInput(f"--depths={','.join(FLAGS.depths)} must be two depths D1<D2, e.g. 2,4") from None
+        per_chip = None if FLAGS.find_batch else (FLAGS.per_chip_batch or None)
+        if per_chip is None and not FLAGS.find_batch:
+            block = config.teacher.train if phase == "teacher" else config[phase]
+            per_chip = max(1, int(block.batch_size) // len(devices))
+        r = extrapolate(config, phase, devices, FLAGS.fsdp, topology, (d1, d2), per_chip)
+    elif FLAGS.find_batch:
         r = find_batch(config, phase, devices, FLAGS.fsdp, topology)
     else:
         per_chip = FLAGS.per_chip_batch

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from softdimo_jax.pipelines.registry import PIPELINES
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
-from softdimo_jax.runtime.distributed import run_absl
+from softdimo_jax.runtime.distributed import Preempted, run_absl
 from softdimo_jax.runtime.trainer import NonFiniteLossError
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits.py"
@@ -75,6 +75,9 @@ def main(argv) -> int:
     except (CheckpointMismatchError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:  # SIGTERM: the state is saved; exit 0 so the scheduler reruns us
+        print(f"main: {e}", file=sys.stderr)
+        return 0
     return 0
 
 

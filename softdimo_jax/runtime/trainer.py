@@ -35,7 +35,9 @@ What the Trainer owns:
   a NaN/inf loss stops the run with `NonFiniteLossError` naming the step, and no checkpoint
   is written after the last finite step (the last good one stays on disk);
 - progress lines with rate and ETA;
-- `wait_until_finished()` before returning, so no save is lost at exit.
+- `wait_until_finished()` before returning, so no save is lost at exit;
+- preemption: on SIGTERM every process saves the state at the current step and `run()`
+  raises `Preempted` (the commands exit 0; a rerun resumes there).
 
 A run is "complete" when the latest checkpoint's step equals `num_steps`: `run()` then only
 restores (this is how the main command skips cached stages).
@@ -61,6 +63,7 @@ from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
+from softdimo_jax.runtime.distributed import Preempted, PreemptionWatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -279,6 +282,7 @@ class Trainer:
         t0 = time.time()
         t_first = None  # time after the first (compiling) step, for a fair ETA
         step_first = None
+        preemption = PreemptionWatch().start()  # SIGTERM: save this step, then stop
         try:
             for step in range(start, self.num_steps):
                 state, metrics = self.step(state, step)
@@ -313,7 +317,13 @@ class Trainer:
                 if want_save:
                     self.save(done, state)
                     last_good_saved = done
+                if preemption.requested(done):  # every process, every step (a collective protocol)
+                    if last_good_saved != done:
+                        self._check_pending(pending, last_good_saved)
+                        self.save(done, state)
+                    raise Preempted(self.name, done, self.checkpoint_dir)
         finally:
+            preemption.stop()
             # Waits for the last asynchronous save, then releases orbax's threads.
             self.close()
         return TrainResult(state, self.num_steps, history, resumed, trained=True)
@@ -347,5 +357,5 @@ class Trainer:
             self.writer = None
 
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError",
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError", "Preempted",
            "jit_train_step", "format_seconds"]
