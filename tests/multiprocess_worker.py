@@ -9,7 +9,8 @@ Modes:
            orbax checkpoints; on a complete workdir every phase only restores. Process 0
            writes <out>/phases.npz: each phase's logged losses and final state (gathered).
            Every process records its data shards (GAN real batches, tfds rows, prompts) and
-           calls the process-0-only writers (grid, metrics.json) on its own directory.
+           calls the process-0-only writers (grid, metrics.json) on its own directory;
+           with --fid_fixture, FID Inception features of 12 images fed per process.
   long     a distillation of many steps (SIGTERM test): after each step writes
            <out>/progress_<process>; on SIGTERM the Trainer saves and main-like code exits 0.
 """
@@ -39,7 +40,11 @@ from softdimo_jax.core import objectives  # noqa: E402
 from softdimo_jax.core import reward as rewards  # noqa: E402
 from softdimo_jax.core.adapters import make_adapter  # noqa: E402
 from softdimo_jax.core.gan import GanRefiner  # noqa: E402
+from softdimo_jax.conversion.inception import convert_inception  # noqa: E402
 from softdimo_jax.data import digits, prompts, tfds_images  # noqa: E402
+from softdimo_jax.evaluation.fid import InceptionFeatureExtractor  # noqa: E402
+from softdimo_jax.models.inception import FIDInceptionV3  # noqa: E402
+from softdimo_jax.parity import load_fixture  # noqa: E402
 from softdimo_jax.pipelines import phases  # noqa: E402
 from softdimo_jax.runtime import artifacts  # noqa: E402
 from softdimo_jax.runtime import mesh as meshlib  # noqa: E402
@@ -127,6 +132,24 @@ def record_data_shards(args, shards: dict) -> None:
         shards["prompts"] = prompts.shard_prompts(prompts.read_prompts(args.prompt_file))
 
 
+def record_fid(args, out: dict) -> None:
+    """FID Inception features (the fixture's weights, 75 px input) of 12 images, each process
+    feeding its own rows of every global batch of 8; the extractor gathers them."""
+    params = convert_inception(load_fixture(args.fid_fixture).sd)
+    ext = InceptionFeatureExtractor(params, mesh=meshlib.make_mesh(None), batch_size=8,
+                                    model=FIDInceptionV3(input_size=75, precision="highest"))
+    rng = np.random.default_rng(0)
+    images = np.round(np.kron(rng.uniform(0, 1, (12, 4, 4, 3)), np.ones((1, 6, 6, 1))) * 255).astype(np.uint8)
+    n, me = jax.process_count(), jax.process_index()
+    feats = []
+    for j in range(0, len(images), 8):
+        chunk = images[j : j + 8]
+        per = len(chunk) // n
+        feats.append(ext(chunk[me * per : (me + 1) * per]))
+    for k in feats[0]:
+        out[f"fid/{k}"] = np.concatenate([f[k] for f in feats])
+
+
 def run_long(args, config) -> int:
     dcfg = config.distill
     dcfg.update(dict(num_steps=100000, ckpt_every=100000, log_every=100000))
@@ -155,6 +178,7 @@ def main() -> int:
     p.add_argument("--mode", choices=("phases", "long"), default="phases")
     p.add_argument("--tfds_dir", default="")
     p.add_argument("--prompt_file", default="")
+    p.add_argument("--fid_fixture", default="")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = get_config("smoke").copy_and_resolve_references()
@@ -166,6 +190,8 @@ def main() -> int:
     out: dict = {}
     run_phases(args, config, out, shards)
     record_data_shards(args, shards)
+    if args.fid_fixture:
+        record_fid(args, out)
     # The process-0-only writers, each process on its own directory.
     own = os.path.join(args.out, f"writers_{me}")
     artifacts.save_grid(own, "grid", np.zeros((2, 4, 4, 1), np.float32))

@@ -4,7 +4,8 @@ tests/multiprocess_worker.py runs the smoke config's distillation, GAN and rewar
 through the Trainer. Compared with 1 process × 8 devices: the same losses and parameters to
 round-off, checkpoints that restore exactly across process counts (2 → 1, 1 → 2), disjoint
 per-process data shards that make up the 1-process batch, process-0-only writers, and a
-SIGTERM that makes every process save the current step and exit 0.
+SIGTERM that makes every process save the current step and exit 0, FID features extracted
+over 2 processes equal to 1.
 
 The step programs are compiled with LLVM's cheap settings (EXTRA_XLA_FLAGS) to keep these
 runs short; both sides of each comparison use the same flags."""
@@ -68,13 +69,14 @@ def states(npz):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, fixtures_dir):
     from test_tfds_images import TinyImagesArrayRecord
 
     d = tmp_path_factory.mktemp("mp_data")
     TinyImagesArrayRecord(data_dir=str(d / "tfds"), file_format="array_record").download_and_prepare()
     (d / "prompts.txt").write_text("".join(f"caption number {i}\n" for i in range(11)))
-    return ["--tfds_dir", str(d / "tfds"), "--prompt_file", str(d / "prompts.txt")]
+    return ["--tfds_dir", str(d / "tfds"), "--prompt_file", str(d / "prompts.txt"),
+            "--fid_fixture", str(fixtures_dir / "inception_a.npz")]
 
 
 def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tmp_path, data):
@@ -93,6 +95,13 @@ def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tmp_path, 
     for k in sa:
         np.testing.assert_allclose(sb[k], sa[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert a["reward/losses"][0] != a["gan/losses"][0]  # three different phases ran
+
+    # FID feature extraction: each process feeds its own images; the gathered features are
+    # the 1-process ones (12 images, the last batch padded on both processes).
+    for k in ("fid/2048", "fid/logits_unbiased"):
+        assert a[k].shape[0] == 12
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    assert np.std(a["fid/2048"], axis=0).max() > 1e-3
 
     # Per-process data: disjoint shards whose concatenation is the 1-process global batch.
     s1 = json.loads((one / "o" / "shards_0.json").read_text())
