@@ -103,3 +103,27 @@ def test_cli_refuses_bad_input_in_one_line(tiny_teacher):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("aot: this config has no 'gan'")
     r = _cli(f"--config={CONFIG}", "--fsdp=3", f"--config.teacher_checkpoint={tiny_teacher}")
     assert r.returncode == 2 and "fsdp=3 does not divide the 4 devices" in r.stderr
+
+
+def test_depth_extrapolation_recovers_a_bilinear_peak(monkeypatch, tiny_teacher):
+    """--depths: peak(d, b) = c0 + c1 d + b (c2 + c3 d) and FLOPs ∝ d b are recovered exactly
+    from compiles at two depths (here faked), and the largest batch under HBM is solved for."""
+    gib = 2**30
+    peak = lambda d, b: (1.0 + 0.25 * d + b * (0.01 + 0.02 * d)) * gib
+
+    def fake(config, phase, devices, per_chip, fsdp, topology, depth=None):
+        return dict(per_chip_batch=per_chip, global_batch=per_chip * 4, devices=4, mesh={"data": 1, "fsdp": 4},
+                    depth=depth, peak=peak(depth, per_chip), flops=1e9 * depth * per_chip, seconds=1.0,
+                    fits=True, memory={"arguments": depth * gib, "outputs": 0, "aliased": 0, "temporaries": 0,
+                                       "generated_code": 0})
+
+    monkeypatch.setattr(aot, "analyse", fake)
+    config = _config(tiny_teacher)
+    devices = aot.topology_devices("v5e:2x2")
+    full = aot.full_depth(config, "distill")  # the converted teacher's depth (1)
+    r = aot.extrapolate(config, "distill", devices, 4, "v5e:2x2", (2, 4), per_chip=8)
+    assert r["peak"] == pytest.approx(peak(full, 8)) and r["flops"] == pytest.approx(1e9 * full * 8)
+    assert r["memory"]["arguments"] == pytest.approx(full * gib) and "depths 2,4 -> 1" in r["extrapolated"]
+    best = aot.extrapolate(config, "distill", devices, 4, "v5e:2x2", (2, 4), per_chip=None)
+    b = best["per_chip_batch"]
+    assert peak(full, b) <= 16 * gib < peak(full, b + 1) and best["fits"]
