@@ -280,6 +280,11 @@ def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topolog
     if n % f:
         raise BadInput(f"fsdp={f} does not divide the {n} devices of {topology} — pass --fsdp=F with F | {n}")
     mesh = meshlib.make_mesh(n, fsdp=f, devices=devices)
+    if depth and phase == "gan":
+        # The discriminator taps teacher layers: keep their number (the heads' size) and
+        # map them into the shallow teacher.
+        full = full_depth(config, phase)
+        config.gan.disc_layers = tuple(min(int(l) % full * depth // full, depth - 1) for l in config.gan.disc_layers)
     trainer, batch = build_phase(config, phase, mesh, depth)
     t0 = time.time()
     out = dict(per_chip_batch=per_chip, global_batch=per_chip * n, devices=n, mesh=dict(mesh.shape), depth=depth)
