@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from softdimo_jax.pipelines.registry import PIPELINES
 from softdimo_jax.runtime import checkpointing
 from softdimo_jax.runtime.artifacts import is_remote
-from softdimo_jax.runtime.distributed import run_absl
+from softdimo_jax.runtime.distributed import Preempted, run_absl
 from softdimo_jax.runtime.errors import BadInput, guarded, one_line
 from softdimo_jax.runtime.workdir_lock import workdir_lock
 
@@ -167,7 +167,11 @@ def body(argv) -> int:
     prepare_workdir(_WORKDIR.value)
     checkpointing.RETRAIN_STALE["enabled"] = bool(flags.FLAGS.retrain_stale)
     with workdir_lock(_WORKDIR.value):
-        run(config, _WORKDIR.value)
+        try:
+            run(config, _WORKDIR.value)
+        except Preempted as e:  # SIGTERM: the state is saved; exit 0 so the scheduler reruns us
+            print(f"main: {e}", file=sys.stderr)
+            return 0
     return 0
 
 

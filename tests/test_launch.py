@@ -63,3 +63,44 @@ def test_gpu_dry_run_single_and_multi_host():
         assert want in r.stdout
     r = _run("gpu_train.sh", {"WORKDIR": "/tmp/run", "NUM_PROCESSES": "2"})
     assert r.returncode != 0 and "PROCESS_ID" in r.stderr
+
+
+def _argv_after_env(line):
+    """The `python -m softdimo_jax.main ...` part and the SOFTDIMO_* settings of a command."""
+    argv = shlex.split(line)
+    i = next(k for k, a in enumerate(argv) if a == "-m")
+    env = dict(a.split("=", 1) for a in argv[:i] if a.startswith("SOFTDIMO_"))
+    return argv[i:], env
+
+
+def test_pod_scripts_print_the_command_the_local_multiprocess_mode_runs():
+    """tpu_train.sh and gpu_train.sh (DRY_RUN) run, on every host, exactly the entry, flags and
+    jax.distributed start-up that launch/local_multiprocess.sh runs for real in the tests
+    (tests/test_multiprocess.py); only how the coordinator is found differs."""
+    args = ["--config=configs/maskbit_imagenet256_distill.py", "--workdir=gs://bkt/run", "--config.distill.fsdp=4"]
+    r = _run("local_multiprocess.sh", {"NUM_PROCESSES": "2", "PORT": "5555"}, *args)
+    assert r.returncode == 0, r.stderr
+    local = [_argv_after_env(l.split("&&", 1)[1]) for l in r.stdout.splitlines() if l.startswith("+ ")]
+    assert len(local) == 2
+    assert [e["SOFTDIMO_PROCESS_ID"] for _, e in local] == ["0", "1"]
+    assert all(e["SOFTDIMO_COORDINATOR"] == "localhost:5555" and e["SOFTDIMO_NUM_PROCESSES"] == "2"
+               for _, e in local)
+    entry = local[0][0]
+    assert entry == ["-m", "softdimo_jax.main", *args]
+
+    r = _run("gpu_train.sh", {"WORKDIR": "gs://bkt/run", "NUM_PROCESSES": "2", "PROCESS_ID": "1",
+                              "COORDINATOR": "10.0.0.1:1234", "CONFIG": "configs/maskbit_imagenet256_distill.py"},
+             "--config.distill.fsdp=4")
+    gpu, env = _argv_after_env(r.stdout.split("&&", 1)[1])
+    assert gpu == entry
+    assert {k: env[k] for k in local[1][1] if k != "SOFTDIMO_COORDINATOR"} == {
+        k: v for k, v in local[1][1].items() if k != "SOFTDIMO_COORDINATOR"}
+
+    r = _run("tpu_train.sh", {"TPU_NAME": "dimo", "ZONE": "z", "WORKDIR": "gs://bkt/run", "SYNC": "0",
+                              "SETUP": "0"}, "--config.distill.fsdp=4")
+    (line,) = [l for l in r.stdout.splitlines() if "softdimo_jax.main" in l]
+    argv = shlex.split(line[2:])
+    remote = argv[argv.index("--command") + 1].split("&&", 1)[1]
+    tpu, env = _argv_after_env(remote)
+    assert tpu == entry
+    assert env == {"SOFTDIMO_DISTRIBUTED": "1"}  # Cloud TPU finds the coordinator itself

@@ -213,7 +213,7 @@ class Distiller:
 
     def place_teacher(self, teacher_params):
         """Teacher params on the mesh (FSDP-sharded when fsdp > 1)."""
-        return jax.device_put(teacher_params, self.teacher_shardings(teacher_params))
+        return meshlib.place(teacher_params, self.teacher_shardings(teacher_params))
 
     def init_fn(self, teacher_params) -> DistillState:
         """θ, ψ and the EMA as float32 copies of the teacher (master weights)."""

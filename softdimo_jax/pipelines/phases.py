@@ -32,17 +32,26 @@ def train_tokenizer(model_cfg, train_cfg, batch_fn, image_shape, stage_dir, *, m
     return model, result.state["params"], result
 
 
+def teacher_trainer(model, train_cfg, batch_fn, stage_dir, *, tokenizer=None, frozen=None, mesh=None,
+                    fsdp: bool = False, seed: int = 0, keep: int = 2, config_json: Any = None,
+                    **trainer_kwargs) -> Trainer:
+    """The Trainer of the teacher phase (`python -m softdimo_jax.aot` compiles its step)."""
+    init_fn, step_fn = objectives.make_teacher_phase(model, train_cfg, tokenizer)
+    return Trainer(
+        "teacher", stage_dir, init_fn, step_fn, batch_fn, num_steps=train_cfg.num_steps,
+        seed=seed, mesh=mesh, fsdp=fsdp, frozen=frozen, checkpoint_every=train_cfg.checkpoint_every,
+        keep=keep, log_every=train_cfg.log_every, config_json=config_json, **trainer_kwargs,
+    )
+
+
 def train_teacher(model, train_cfg, batch_fn, stage_dir, *, tokenizer=None, frozen=None,
                   mesh=None, fsdp: bool = False, seed: int = 0, keep: int = 2,
                   config_json: Any = None, **trainer_kwargs):
     """Trains (or restores) the teacher. Returns (state, TrainResult); sample from
     state["ema"] when `ema_decay` > 0."""
-    init_fn, step_fn = objectives.make_teacher_phase(model, train_cfg, tokenizer)
-    trainer = Trainer(
-        "teacher", stage_dir, init_fn, step_fn, batch_fn, num_steps=train_cfg.num_steps,
-        seed=seed, mesh=mesh, fsdp=fsdp, frozen=frozen, checkpoint_every=train_cfg.checkpoint_every,
-        keep=keep, log_every=train_cfg.log_every, config_json=config_json, **trainer_kwargs,
-    )
+    trainer = teacher_trainer(model, train_cfg, batch_fn, stage_dir, tokenizer=tokenizer, frozen=frozen,
+                              mesh=mesh, fsdp=fsdp, seed=seed, keep=keep, config_json=config_json,
+                              **trainer_kwargs)
     result = trainer.run()
     return result.state, result
 
@@ -98,18 +107,25 @@ def train_distill(dcfg, teacher_model, teacher_params, stage_dir: str | None, me
     return trainer.run(), distiller
 
 
-def train_refinement(name: str, refiner, init_fn, init_args: tuple, phase_cfg, stage_dir: str, *,
-                     batch_fn, frozen: dict, keep: int, fingerprint: Any):
-    """Runs (or restores) a refinement phase (GAN or reward) of `refiner` (core.gan.GanRefiner
-    / core.reward.RewardRefiner) from `init_fn(*init_args)` (the previous phase's state and
-    frozen models as jit arguments). Returns the TrainResult."""
-    trainer = Trainer(
+def refinement_trainer(name: str, refiner, init_fn, init_args: tuple, phase_cfg, stage_dir: str | None, *,
+                       batch_fn, frozen: dict, keep: int, fingerprint: Any) -> Trainer:
+    """The Trainer of a refinement phase (GAN or reward) of `refiner` (core.gan.GanRefiner /
+    core.reward.RewardRefiner) from `init_fn(*init_args)` (the previous phase's state and
+    frozen models as jit arguments); `python -m softdimo_jax.aot` compiles its step."""
+    return Trainer(
         name=name, stage_dir=stage_dir, init_fn=lambda rng, *args: init_fn(*args), init_args=init_args,
         step_fn=refiner.trainer_step_fn(), batch_fn=batch_fn, num_steps=int(phase_cfg.num_steps),
         seed=int(phase_cfg.seed), mesh=refiner.mesh, fsdp=refiner.distiller.fsdp, frozen=frozen,
         checkpoint_every=int(phase_cfg.ckpt_every), keep=int(keep), log_every=int(phase_cfg.log_every),
         config_json=fingerprint,
     )
+
+
+def train_refinement(name: str, refiner, init_fn, init_args: tuple, phase_cfg, stage_dir: str, *,
+                     batch_fn, frozen: dict, keep: int, fingerprint: Any):
+    """Runs (or restores) a refinement phase (see `refinement_trainer`). Returns the TrainResult."""
+    trainer = refinement_trainer(name, refiner, init_fn, init_args, phase_cfg, stage_dir, batch_fn=batch_fn,
+                                 frozen=frozen, keep=keep, fingerprint=fingerprint)
     return trainer.run()  # run() closes the checkpoint manager and writer itself
 
 

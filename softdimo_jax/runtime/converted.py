@@ -386,13 +386,14 @@ def load_converted(path: str, model=None, **runtime_overrides) -> tuple[Any, Any
         raise NotConvertedError(f"{path}/{PARAMS_DIR} cannot be read ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:160]}) — re-create the checkpoint with "
                                 "python -m softdimo_jax.convert") from e
-    expected = _expected_params(model)
+    expected = expected_params(model)
     check_params_match(params, expected, name=path)
     params = jax.tree.map(lambda x: np.asarray(x), params)
     return model, params
 
 
-def _expected_params(model):
+def expected_params(model):
+    """The params shape tree of a registered family's module (what a checkpoint must hold)."""
     return _resolve(FAMILIES[family_of(model)].expected)(model)
 
 

@@ -83,6 +83,18 @@ def params_shardings(mesh, params_shapes: Any, fsdp: bool) -> Any:
     return jax.tree.map(lambda x: fsdp_sharding(mesh, tuple(x.shape)), params_shapes)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` of each array onto its sharding; a ShapeDtypeStruct leaf instead gets
+    the sharding attached, so the same construction code builds a real run or the abstract
+    one `python -m softdimo_jax.aot` compiles for a TPU topology without allocating."""
+    def one(x, s):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.device_put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying shardings (the restore target orbax needs)."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -39,7 +39,9 @@ What the Trainer owns:
   rate that blew up), stops the run the same way — nothing bad is ever saved;
 - a full disk while saving is one line naming the checkpoint directory and the state's size;
 - progress lines with rate and ETA;
-- `wait_until_finished()` before returning, so no save is lost at exit.
+- `wait_until_finished()` before returning, so no save is lost at exit;
+- preemption: on SIGTERM every process saves the state at the current step and `run()`
+  raises `Preempted` (the commands exit 0; a rerun resumes there).
 
 A run is "complete" when the latest checkpoint's step equals `num_steps`: `run()` then only
 restores (this is how the main command skips cached stages).
@@ -67,6 +69,7 @@ from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
 from softdimo_jax.runtime.errors import BadInput, RunFailure
+from softdimo_jax.runtime.distributed import Preempted, PreemptionWatch
 
 
 class NonFiniteLossError(RunFailure):
@@ -205,11 +208,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- placement
     def _place(self, tree):
-        """Puts a host/device pytree on the mesh with the params sharding rule."""
+        """Puts a host/device pytree on the mesh with the params sharding rule (abstract
+        leaves get the sharding attached: the AOT tool builds Trainers without arrays)."""
         if tree is None:
             return None
-        shardings = meshlib.params_shardings(self.mesh, tree, self.fsdp)
-        return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+        return meshlib.place(tree, meshlib.params_shardings(self.mesh, tree, self.fsdp))
 
     def global_batch(self, local_batch):
         """Process-local host batch -> global arrays sharded over the batch axis."""
@@ -346,6 +349,7 @@ class Trainer:
         t0 = time.time()
         t_first = None  # time after the first (compiling) step, for a fair ETA
         step_first = None
+        preemption = PreemptionWatch().start()  # SIGTERM: save this step, then stop
         try:
             for step in range(start, self.num_steps):
                 state, metrics = self.step(state, step)
@@ -383,7 +387,13 @@ class Trainer:
                 if want_save:
                     self.save(done, state)
                     last_good_saved = done
+                if preemption.requested(done):  # every process, every step (a collective protocol)
+                    if last_good_saved != done:
+                        self._check_pending(pending, last_good_saved)
+                        self.save(done, state)
+                    raise Preempted(self.name, done, self.checkpoint_dir)
         finally:
+            preemption.stop()
             # Waits for the last asynchronous save, then releases orbax's threads.
             self.close()
         return TrainResult(state, self.num_steps, history, resumed, trained=True)
@@ -417,5 +427,5 @@ class Trainer:
             self.writer = None
 
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError",
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "CheckpointMismatchError", "Preempted",
            "jit_train_step", "format_seconds"]
