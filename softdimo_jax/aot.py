@@ -49,6 +49,7 @@ from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.pipelines import phases
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.converted import FAMILIES, config_value_to_json, expected_params, read_meta
+from softdimo_jax.runtime.config_files import parse_flags, rewrite_config_arg
 from softdimo_jax.runtime.errors import BadInput, RunFailure, debug_requested, guarded, strip_debug
 
 GIB = 2**30
@@ -458,7 +459,17 @@ def entry(argv) -> int:
 
 def run() -> None:
     define_flags()
-    app.run(lambda argv: sys.exit(entry(argv)), flags_parser=lambda a: flags.FLAGS(strip_debug(a)))
+    remaining: list[str] = []
+
+    def start() -> int:  # a bad --config file or override: one line, not absl's traceback
+        argv = rewrite_config_arg(strip_debug(sys.argv), "aot")
+        remaining.extend(parse_flags(argv))
+        return 0
+
+    rc = guarded("aot", start)
+    if rc:
+        sys.exit(rc)
+    app.run(lambda argv: sys.exit(entry(argv)), flags_parser=lambda a: remaining)
 
 
 if __name__ == "__main__":

@@ -20,62 +20,26 @@ input, 1 for a failed run); `--debug` shows the traceback. One run at a time per
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from softdimo_jax.pipelines.registry import PIPELINES
 from softdimo_jax.runtime import checkpointing
 from softdimo_jax.runtime.artifacts import is_remote
+from softdimo_jax.runtime.config_files import REPO, config_error, parse_flags, rewrite_config_arg
 from softdimo_jax.runtime.distributed import Preempted, run_absl
-from softdimo_jax.runtime.errors import BadInput, guarded, one_line
+from softdimo_jax.runtime.errors import BadInput, define_debug_flag, guarded
 from softdimo_jax.runtime.workdir_lock import workdir_lock
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "digits.py"
 
 _CONFIG = None
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, summaries, metrics.json (local or gs://)")
-flags.DEFINE_bool("debug", False, "show the traceback of an error instead of one line")
+define_debug_flag()
 flags.DEFINE_bool("retrain_stale", False, "retrain a stage whose checkpoint was made with other settings (or "
                   "from other upstream stages) and the stages after it, instead of refusing")
-
-
-def resolve_config_path(spec: str, cwd: str | None = None) -> tuple[str, bool]:
-    """`path[:preset]` -> (spec with the file found, whether it was looked up in the repo).
-
-    A relative path that does not exist from `cwd` is tried against the repository root
-    (`configs/x.py`) and then its `configs/` directory (`x.py`)."""
-    path, sep, preset = spec.partition(".py")
-    path += ".py" if sep else ""
-    rest = preset  # ":preset" or ""
-    cwd = cwd or os.getcwd()
-    if not path or os.path.isabs(path) or os.path.exists(os.path.join(cwd, path)):
-        return spec, False
-    for cand in (REPO / path, REPO / "configs" / path, REPO / "configs" / os.path.basename(path)):
-        if cand.is_file():
-            return str(cand) + rest, True
-    raise BadInput(f"config file {path} not found (from {cwd} nor in {REPO / 'configs'}) — pass an "
-                   f"existing file, e.g. --config={DEFAULT_CONFIG.relative_to(REPO)}")
-
-
-def rewrite_config_arg(argv: list[str]) -> list[str]:
-    """argv with a --config path resolved (see `resolve_config_path`); says which file."""
-    out = list(argv)
-    for i, a in enumerate(out):
-        if a.startswith("--config="):
-            spec, found = resolve_config_path(a.split("=", 1)[1])
-            out[i] = "--config=" + spec
-        elif a == "--config" and i + 1 < len(out):
-            spec, found = resolve_config_path(out[i + 1])
-            out[i + 1] = spec
-        else:
-            continue
-        if found:
-            print(f"main: using config {spec}", file=sys.stderr)
-    return out
 
 
 def define_config_flag():
@@ -91,26 +55,6 @@ def define_config_flag():
         )
     except (AttributeError, KeyError, ValueError, TypeError) as e:
         raise config_error(e, sys.argv) from e
-
-
-def config_error(e: BaseException, argv: list[str]) -> BadInput:
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    what = f"bad config override {' '.join(overrides)}" if overrides else "bad config"
-    msg = one_line(e).replace("\\n", " ").replace("\\", "").replace("'", "").strip("\"")
-    return BadInput(f"{what}: {msg} — keys are locked; see the config file for the valid ones")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses the flags now, so that a bad override or config file is one line, not absl's
-    traceback; returns the arguments left over."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        raise BadInput(f"{one_line(e)} — see --help for the flags") from e
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
-        raise config_error(e, argv) from e
-    except (FileNotFoundError, OSError, SyntaxError) as e:
-        raise BadInput(f"cannot load the config: {one_line(e)} — pass an existing config file") from e
 
 
 def _walk(config, prefix=""):
@@ -183,7 +127,7 @@ def run() -> None:
     remaining: list[str] = []
 
     def start() -> int:
-        argv = rewrite_config_arg(sys.argv)
+        argv = rewrite_config_arg(sys.argv, "main")
         if not DEFAULT_CONFIG.exists() and not any(a.startswith("--config") for a in argv):
             raise BadInput(f"the default config {DEFAULT_CONFIG} is missing — pass --config=PATH")
         sys.argv[:] = argv

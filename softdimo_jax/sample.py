@@ -40,7 +40,7 @@ from softdimo_jax.data.prompts import read_prompts
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.artifacts import save_image_grid
 from softdimo_jax.runtime.distributed import run_absl
-from softdimo_jax.runtime.errors import BadInput, guarded
+from softdimo_jax.runtime.errors import BadInput, define_debug_flag, guarded
 from softdimo_jax.sampling import api
 
 FLAGS = flags.FLAGS
@@ -96,7 +96,7 @@ def define_flags() -> None:
     flags.DEFINE_float("soft_tau", None, "Softmax temperature of the soft decode.")
     flags.DEFINE_float("r_init", None, "MASK fraction of the student's initial state.")
     flags.DEFINE_float("sigma_init", None, "Noise scale of the student's initial embeddings.")
-    flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of one line.")
+    define_debug_flag()
 
 
 def parse_labels(text: str | None) -> np.ndarray | None:

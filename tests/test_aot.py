@@ -103,6 +103,11 @@ def test_cli_refuses_bad_input_in_one_line(tiny_teacher):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("aot: this config has no 'gan'")
     r = _cli(f"--config={CONFIG}", "--fsdp=3", f"--config.teacher_checkpoint={tiny_teacher}")
     assert r.returncode == 2 and "fsdp=3 does not divide the 4 devices" in r.stderr
+    r = _cli("--config=configs/no_such_config.py", "--phase=distill")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "config file configs/no_such_config.py not found" in r.stderr
+    r = _cli(f"--config={CONFIG}", "--config.no_such_key=1")
+    assert r.returncode == 2 and "bad config override --config.no_such_key" in r.stderr.strip().splitlines()[-1]
 
 
 def test_depth_extrapolation_recovers_a_bilinear_peak(monkeypatch, tiny_teacher):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softdimo_jax import main as main_cli
+from softdimo_jax.runtime import config_files
 from softdimo_jax.runtime import checkpointing
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.errors import BadInput, RunFailure
@@ -137,13 +137,13 @@ def test_config_found_from_another_directory(tmp_path):
     """Run from a directory without configs/: the repository's file is used and named."""
     other = tmp_path / "elsewhere"
     other.mkdir()
-    spec, found = main_cli.resolve_config_path("configs/digits.py:smoke", cwd=str(other))
+    spec, found = config_files.resolve_config_path("configs/digits.py:smoke", cwd=str(other))
     assert found and spec == str(REPO / "configs" / "digits.py") + ":smoke"
-    spec, found = main_cli.resolve_config_path("digits.py", cwd=str(other))
+    spec, found = config_files.resolve_config_path("digits.py", cwd=str(other))
     assert found and spec == str(REPO / "configs" / "digits.py")
     (other / "configs").mkdir()
     (other / "configs" / "digits.py").write_text("")
-    assert main_cli.resolve_config_path("configs/digits.py", cwd=str(other)) == ("configs/digits.py", False)
+    assert config_files.resolve_config_path("configs/digits.py", cwd=str(other)) == ("configs/digits.py", False)
     # End to end: parsing succeeds from elsewhere and refuses only the bad size, naming the file used.
     rc, lines, err = _main(["--config=configs/digits.py:smoke", "--config.teacher.train.batch_size=-1",
                             f"--workdir={tmp_path / 'wd'}"], cwd=str(tmp_path))

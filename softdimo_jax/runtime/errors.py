@@ -17,6 +17,8 @@ import sys
 import traceback
 from typing import Callable
 
+from absl import flags
+
 
 class SoftDiMOError(Exception):
     """Base of the errors a command reports in one line."""
@@ -45,6 +47,12 @@ def one_line(e: BaseException) -> str:
 def debug_requested(argv: list[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv
+
+
+def define_debug_flag() -> None:
+    """absl's --debug, defined once however many commands a process imports."""
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "show the traceback of an error instead of one line")
 
 
 def strip_debug(argv: list[str]) -> list[str]:
