@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from softdimo_jax.models.taming_vqgan import Downsample, ResnetBlock, Upsample
+from softdimo_jax.models.taming_vqgan import Downsample, ResnetBlock, Upsample, lookup_codes, nearest_codes
 
 _GN_EPS = 1e-6
 
@@ -120,18 +120,10 @@ class MeissonicVQModel(nn.Module):
 
     def quantize(self, latents):
         """(B, h, w, C) -> nearest codebook ids (B, h, w) int32 (torch.cdist + argmin)."""
-        e = self.codebook().astype(jnp.float32)
-        z = latents.astype(jnp.float32)
-        hp = jax.lax.Precision.HIGHEST
-        d = (jnp.sum(z**2, axis=-1, keepdims=True) + jnp.sum(e**2, axis=-1)
-             - 2.0 * jnp.einsum("bhwc,nc->bhwn", z, e, precision=hp))
-        return jnp.argmin(d, axis=-1).astype(jnp.int32)
+        return nearest_codes(latents, self.codebook())
 
     def lookup(self, indices):
-        indices = jnp.asarray(indices)
-        if indices.ndim != 3:
-            raise ValueError(f"indices must be (B, h, w) token ids, got shape {indices.shape}")
-        return jnp.take(self.codebook(), indices.astype(jnp.int32), axis=0)
+        return lookup_codes(self.codebook(), indices)
 
     def soft_latents(self, probs):
         """(B, h, w, K) probabilities over the codes -> p @ codebook (B, h, w, C)."""

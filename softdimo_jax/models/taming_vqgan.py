@@ -49,6 +49,24 @@ def _conv3(features: int, name: str, dtype, stride: int = 1, padding: Any = 1) -
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
+def nearest_codes(z, codebook):
+    """(B, h, w, C) latents -> ids (B, h, w) int32 of the nearest codebook rows (squared L2,
+    float32, as torch's argmin over distances)."""
+    e = codebook.astype(jnp.float32)
+    z = z.astype(jnp.float32)
+    d = (jnp.sum(z**2, axis=-1, keepdims=True) + jnp.sum(e**2, axis=-1)
+         - 2.0 * jnp.einsum("bhwc,nc->bhwn", z, e, precision=jax.lax.Precision.HIGHEST))
+    return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+
+def lookup_codes(codebook, indices):
+    """(B, h, w) ids -> (B, h, w, C) codebook rows."""
+    indices = jnp.asarray(indices)
+    if indices.ndim != 3:
+        raise ValueError(f"indices must be (B, h, w) token ids, got shape {indices.shape}")
+    return jnp.take(codebook, indices.astype(jnp.int32), axis=0)
+
+
 class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
@@ -230,19 +248,11 @@ class TamingVQModel(nn.Module):
 
     def quantize(self, h):
         """(B, h, w, embed_dim) -> nearest codebook ids (B, h, w) (argmin of squared L2)."""
-        e = self.codebook().astype(jnp.float32)
-        z = h.astype(jnp.float32)
-        hp = jax.lax.Precision.HIGHEST
-        d = (jnp.sum(z**2, axis=-1, keepdims=True) + jnp.sum(e**2, axis=-1)
-             - 2.0 * jnp.einsum("bhwc,nc->bhwn", z, e, precision=hp))
-        return jnp.argmin(d, axis=-1).astype(jnp.int32)
+        return nearest_codes(h, self.codebook())
 
     def lookup(self, indices):
         """(B, h, w) ids -> (B, h, w, embed_dim) codebook latents."""
-        indices = jnp.asarray(indices)
-        if indices.ndim != 3:
-            raise ValueError(f"indices must be (B, h, w) token ids, got shape {indices.shape}")
-        return jnp.take(self.codebook(), indices.astype(jnp.int32), axis=0)
+        return lookup_codes(self.codebook(), indices)
 
     def soft_latents(self, probs):
         """(B, h, w, n_embed) probabilities -> expected latents probs @ codebook."""
