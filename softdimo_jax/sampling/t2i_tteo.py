@@ -25,7 +25,7 @@ from softdimo_jax.core.t2i_reward import soft_decode_t2i
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.soft_embed import SoftEmbedder
 from softdimo_jax.runtime import mesh as meshlib
-from softdimo_jax.sampling.tteo import MAX_BEST_OF, SELECT, optimise_embeddings, tteo_cost
+from softdimo_jax.sampling.tteo import check_tteo_settings, optimise_embeddings, tteo_cost
 
 
 def maskgen_initial_embeddings(model: MaskGenVQ, params, rng, batch: int, *, r_init: float, sigma: float):
@@ -52,12 +52,7 @@ def make_t2i_tteo_sampler(maskgen: MaskGenVQ, tatitok, reward_set, *, steps: int
     reward at the plain sampler's embedding), reward_final (B,) (soft reward of the kept
     embedding); `fn.cost` gives the passes per image. Conditions are batch-sharded over
     `mesh` (default: all devices)."""
-    if not 1 <= best_of <= MAX_BEST_OF:
-        raise ValueError(f"best_of must be in [1, {MAX_BEST_OF}], got {best_of}")
-    if select not in SELECT:
-        raise ValueError(f"unknown TTEO selection score {select!r}; choose one of {SELECT}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+    check_tteo_settings(best_of, select, temperature)
     if tatitok.codebook_size != maskgen.codebook_size or tatitok.num_latent_tokens != maskgen.seq_len:
         raise ValueError(
             f"tokenizer ({tatitok.num_latent_tokens} tokens of {tatitok.codebook_size} codes) does not fit "

@@ -64,6 +64,16 @@ def optimise_embeddings(objective: Callable, e, steps: int, lr: float):
     return jax.lax.scan(step, e, None, length=steps)
 
 
+def check_tteo_settings(best_of: int, select: str, temperature: float) -> None:
+    """The settings every TTEO sampler shares, refused before anything compiles."""
+    if not 1 <= best_of <= MAX_BEST_OF:
+        raise ValueError(f"best_of must be in [1, {MAX_BEST_OF}], got {best_of}")
+    if select not in SELECT:
+        raise ValueError(f"unknown TTEO selection score {select!r}; choose one of {SELECT}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+
+
 def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr: float = 0.2,
                       best_of: int = 1, select: str = "reward", confidence_weight: float = 1.0,
                       output: str = "hard", temperature: float = 1.0, soft_mode: str = "soft",
@@ -76,17 +86,12 @@ def make_tteo_sampler(model, tokenizer, reward_set, *, grid, steps: int = 2, lr:
     Jitted; labels batch-sharded over `mesh` (default: all devices)."""
     if output not in ("hard", "soft"):
         raise ValueError(f"TTEO output must be 'hard' or 'soft', got {output!r}")
-    if not 1 <= best_of <= MAX_BEST_OF:
-        raise ValueError(f"best_of must be in [1, {MAX_BEST_OF}], got {best_of}")
-    if select not in SELECT:
-        raise ValueError(f"unknown TTEO selection score {select!r}; choose one of {SELECT}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+    check_tteo_settings(best_of, select, temperature)
     # The family's one-step adapter and soft decode (sampling.api), as `sample` uses them.
     spec = api.family_sampling(family_of(model))
     if spec.conditioning != "class":
-        raise NotImplementedError("TTEO needs a reward of class-conditional images; text-to-image rewards "
-                                  "(prompt-aligned scores) are not wired into it yet")
+        raise NotImplementedError("this TTEO takes class-conditional generators; text-to-image TTEO is "
+                                  "softdimo_jax.sampling.t2i_tteo.make_t2i_tteo_sampler")
     adapter = spec.adapter(model, dtype, {})
     embedder = SoftEmbedder(mode=soft_mode, tau=tau)
     # The soft decode the reward sees is deterministic ('soft' expectation) unless the
