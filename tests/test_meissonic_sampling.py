@@ -159,6 +159,9 @@ def test_student_samples_through_the_cli_from_a_prompt(run, tmp_path, capsys):
     assert run_sample("--mode=student", f"--generator={student}", f"--tokenizer={run['vq']}",
                       f"--text_encoder={run['student']}", "--prompt=a cat", f"--out={out}") == 2
     assert "not a meissonic_text" in capsys.readouterr().err
+    assert run_sample("--mode=student", f"--generator={student}", *run["cli"], "--prompt=a cat", "--token_grid=4,6",
+                      f"--out={out}") == 2
+    assert "square even" in capsys.readouterr().err
 
 
 def test_teacher_samples_multi_step_through_the_cli(run, tmp_path):
