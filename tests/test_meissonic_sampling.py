@@ -6,8 +6,6 @@ converted teacher multi-step with CFG over the negative prompt, and `evaluate --
 writes its outputs. 8 CPU devices (conftest), tiny sizes."""
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
