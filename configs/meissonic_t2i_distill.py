@@ -1,21 +1,31 @@
-"""Di[M]O text-to-image distillation of Meissonic (1024 px, 64x64 tokens) from precomputed prompt embeddings.
+"""Di[M]O text-to-image distillation of Meissonic (1024 px, 64x64 tokens) from a prompt file.
 
     python -m softdimo_jax.convert --model meissonic_transformer MEISSONIC/transformer ckpt/meissonic
     python -m softdimo_jax.convert --model meissonic_vqvae MEISSONIC/vqvae ckpt/meissonic_vq
+    python -m softdimo_jax.convert --model meissonic_text MEISSONIC/text_encoder ckpt/meissonic_text
     python -m softdimo_jax.main --config=configs/meissonic_t2i_distill.py \\
-        --workdir=gs://BUCKET/dimo_meissonic --config.prompt_embeddings=gs://BUCKET/prompts_clip_h.npz \\
-        --config.teacher_checkpoint=... --config.tokenizer_checkpoint=...
+        --workdir=gs://BUCKET/dimo_meissonic --config.prompt_file=gs://BUCKET/prompts.txt \\
+        --config.text_encoder_checkpoint=ckpt/meissonic_text \\
+        --config.teacher_checkpoint=ckpt/meissonic --config.tokenizer_checkpoint=ckpt/meissonic_vq
+    # or from precomputed embeddings: --config.prompt_embeddings=gs://BUCKET/prompts_clip_h.npz
     # smoke test, random tiny models and random conditions (~1 min of CPU, mostly XLA compiles):
     python -m softdimo_jax.main --config=configs/meissonic_t2i_distill.py:tiny --workdir=/tmp/meissonic_tiny
 
-Conditions: the CLIP-ViT-H-14 text tower is not ported yet, so the prompts come as an .npz of
-precomputed text embeddings (softdimo_jax.data.prompt_embeddings): per prompt
-`encoder_hidden_states` (N, 77, 1024) = hidden_states[-2] and `pooled_projections` (N, 1024) =
-`text_embeds` of transformers' CLIPTextModelWithProjection (as Meissonic's pipeline calls it),
-plus `negative_encoder_hidden_states` / `negative_pooled_projections` of the CFG branch's
-prompt: Di[M]O's negative prompt (`NEGATIVE_PROMPT` below; its `distil_neg_prompt`). Each host
-keeps its share of the rows and feeds its rows of every batch. The `tiny` preset needs no file:
-it draws random conditions and builds random tiny models when no checkpoint is given.
+Conditions, one of:
+- `prompt_file` (one caption per line) + `text_encoder_checkpoint` (the converted CLIP-ViT-H-14
+  tower, `meissonic_text`; `bpe_merges` defaults to the packaged CLIP BPE file): each host
+  encodes its share of the captions (line i goes to host i mod process_count) once at start,
+  in jitted chunks of `prompt_encode_chunk` split over its devices with the frozen tower
+  passed as an argument, plus `negative_prompt` (Di[M]O's `distil_neg_prompt`) for the CFG
+  branch; the ids are padded with the end token and the transformer reads hidden_states[-2]
+  and the pooled projection, as Meissonic's pipeline calls transformers'
+  CLIPTextModelWithProjection;
+- `prompt_embeddings`: an .npz of those embeddings precomputed (softdimo_jax.data.prompt_embeddings):
+  per prompt `encoder_hidden_states` (N, 77, 1024) = hidden_states[-2] and `pooled_projections`
+  (N, 1024) = `text_embeds`, plus the negative prompt's `negative_encoder_hidden_states` /
+  `negative_pooled_projections`; each host keeps its share of the rows.
+Each host feeds its rows of every batch. The `tiny` preset needs neither: it draws random
+conditions and builds random tiny models when no checkpoint is given.
 
 Hyperparameters: Di[M]O's Meissonic run (SPEC §1.1; DIMO_Meissonic.yaml / train_DIMO_Meissonic.py):
 r_init 0.5 (`fixed_ratio`), σ 0.3 (`noise_emb_perturb` fix_0.3, applied after the embedding
@@ -34,10 +44,10 @@ from __future__ import annotations
 import ml_collections
 
 from softdimo_jax.core.defaults import default_distill_config
+from softdimo_jax.models.meissonic import DIMO_NEGATIVE_PROMPT
 
-# Di[M]O's negative prompt (the teacher's CFG branch): encode it into the .npz's negative_* arrays.
-NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
-                   "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+# Di[M]O's negative prompt (the teacher's CFG branch): encoded with the prompts, or into the .npz's negative_* arrays.
+NEGATIVE_PROMPT = DIMO_NEGATIVE_PROMPT
 # Di[M]O's fix_emb_layer: the embedding block and the MLM head stay frozen in θ and ψ.
 MEISSONIC_FROZEN = ("input_embedding", "output_head")
 
@@ -53,7 +63,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.teacher_family = "meissonic_transformer"
     c.teacher_checkpoint = ""  # converted Meissonic transformer/ folder
     c.tokenizer_checkpoint = ""  # converted Meissonic vqvae/ folder (the sample grid); optional
-    c.prompt_embeddings = ""  # .npz of precomputed CLIP-H prompt embeddings (see the docstring)
+    c.prompt_file = ""  # captions, one per line, encoded at start by text_encoder_checkpoint
+    c.text_encoder_checkpoint = ""  # converted Meissonic text_encoder/ folder (meissonic_text)
+    c.bpe_merges = ""  # CLIP BPE merges; "" = $SOFTDIMO_CLIP_BPE or the packaged copy
+    c.negative_prompt = NEGATIVE_PROMPT  # the teacher's CFG branch (with prompt_file)
+    c.prompt_encode_chunk = 64  # captions per jitted text-tower call (rounded up to the device count)
+    c.prompt_embeddings = ""  # or: .npz of precomputed CLIP-H prompt embeddings (see the docstring)
     c.grid_samples = 4 if tiny else 16  # first prompts of the file, one-step student images
 
     # Random tiny models and conditions when no checkpoint / .npz is given (the tiny preset only).

@@ -15,7 +15,8 @@ or a stage's exported student <workdir>/<stage>/student) and its image tokenizer
         --prompt-file captions.txt --num-samples 30000 --reference coco_ref.npz --inception ...
 
 Class generators (MaskBit, MaskGIT) sample class-balanced labels over the model's classes
-(or the first --num-classes); text generators (MaskGen) cycle through --prompt-file's
+(or the first --num-classes); text generators (MaskGen, Meissonic: --text-encoder a converted
+meissonic_text tower, CFG over --negative-prompt, default Di[M]O's) cycle through --prompt-file's
 captions. `--generator teacher` runs the family's multi-step sampler (`--steps`,
 `--cfg-scale`), `student` the one-step generator (`--decode hard|soft`), all through
 `softdimo_jax.sampling.api`. The checkpoints are checked before any reference statistics
@@ -94,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate the samples instead, from --checkpoint and --tokenizer (any family)")
     src.add_argument("--checkpoint", help="generator checkpoint: converted teacher or <workdir>/<stage>/student")
     src.add_argument("--tokenizer", help="converted image tokenizer of the family (with --generator)")
-    src.add_argument("--text-encoder", help="converted clip_text tower (text-to-image generators)")
+    src.add_argument("--text-encoder", help="converted text tower (text-to-image generators): clip_text (MaskGen) "
+                     "or meissonic_text (Meissonic)")
+    src.add_argument("--negative-prompt", help="text teachers: the CFG branch's caption (default: the family's; "
+                     "Meissonic: Di[M]O's negative prompt)")
     src.add_argument("--bpe-merges", help="CLIP BPE merges file (default $SOFTDIMO_CLIP_BPE, else open_clip's)")
     src.add_argument("--prompt-file", help="captions, one per line, cycled over the samples (text-to-image)")
     src.add_argument("--steps", type=int, help="teacher sampling steps (student: 1)")
@@ -156,7 +160,7 @@ def load_generator(args: argparse.Namespace) -> api.Generator:
         raise BadInput("--tteo-steps needs a reward model, which this CLI does not load yet — drop it; TTEO "
                        "rows come from the digits pipeline (softdimo_jax.sampling.tteo)")
     return api.load_generator(args.checkpoint, args.tokenizer, text_encoder=args.text_encoder,
-                              bpe_merges=args.bpe_merges,
+                              bpe_merges=args.bpe_merges, negative_prompt=args.negative_prompt,
                               flags={"generator": "--checkpoint", "tokenizer": "--tokenizer",
                                      "text_encoder": "--text-encoder"})
 

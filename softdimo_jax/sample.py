@@ -16,6 +16,16 @@ per line), the converted OpenCLIP text tower (`--text_encoder`) and the CLIP BPE
       --tokenizer ckpt/tatitok --text_encoder ckpt/clip_text --bpe_merges bpe_simple_vocab_16e6.txt.gz \\
       --prompt "a red cube on a table" --prompt "two dogs on a beach" --out t2i.png
 
+Meissonic: the converted Meissonic text tower (`--text_encoder`, `convert --model
+meissonic_text`; prompts padded with the end token as its pipeline does), the converted VQ
+model (`--tokenizer`), CFG over Di[M]O's negative prompt (`--negative_prompt` replaces it) and
+the token grid (`--token_grid 64`: 1024 px; an exported student's is stored with it):
+
+  python -m softdimo_jax.sample --mode teacher --generator ckpt/meissonic --tokenizer ckpt/meissonic_vq \
+      --text_encoder ckpt/meissonic_text --prompt "a red cube on a table" --num_steps 48 --out meissonic.png
+  python -m softdimo_jax.sample --mode student --generator WORKDIR/distill/student --tokenizer ckpt/meissonic_vq \
+      --text_encoder ckpt/meissonic_text --prompt "a red cube on a table" --out dimo.png
+
 The family comes from the generator's model.json (`python -m softdimo_jax.convert` for a
 teacher, `<workdir>/<stage>/student` exported by every distillation / refinement stage) and
 picks the sampler through `softdimo_jax.sampling.api`. `--mode teacher` runs the family's
@@ -48,7 +58,7 @@ FLAGS = flags.FLAGS
 _FLAGS_DEFINED = False
 # Teacher settings the CLI passes by these names (sampling.api.teacher_settings maps them).
 TEACHER_FLAGS = ("num_steps", "guidance_scale", "randomize_temperature", "softmax_temperature", "mask_schedule",
-                 "guidance_annealing", "scale_pow", "use_sampling_annealing")
+                 "guidance_annealing", "scale_pow", "use_sampling_annealing", "token_grid")
 
 
 def define_flags() -> None:
@@ -64,7 +74,12 @@ def define_flags() -> None:
                         "stage's exported student, <workdir>/<stage>/student (student mode).")
     flags.DEFINE_string("tokenizer", None, "Converted image tokenizer of the family: maskbit_tokenizer (MaskBit), "
                         "taming_vqgan (MaskGIT) or tatitok (MaskGen).")
-    flags.DEFINE_string("text_encoder", None, "Converted clip_text tower (text-to-image generators).")
+    flags.DEFINE_string("text_encoder", None, "Converted text tower (text-to-image generators): clip_text (MaskGen) "
+                        "or meissonic_text (Meissonic).")
+    flags.DEFINE_string("negative_prompt", None, "Text teachers: the CFG branch's caption (default: the family's; "
+                        "Meissonic: Di[M]O's negative prompt, MaskGen: empty).")
+    flags.DEFINE_string("token_grid", None, "Meissonic: the token grid, H or H,W (64 = 1024 px with the f16 VQ; "
+                        "default: the student's stored grid, else 64).")
     flags.DEFINE_string("bpe_merges", None, "CLIP BPE merges file bpe_simple_vocab_16e6.txt.gz (default: "
                         "$SOFTDIMO_CLIP_BPE, else open_clip's).")
     flags.DEFINE_string("labels", None, "Comma-separated class labels, one image each, e.g. 1,7,282.")
@@ -74,8 +89,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("captions", True, "Write the caption or class under each image of the grid "
                       "(--nocaptions: a plain grid).")
     flags.DEFINE_string("out_dir", None, "Also write each image as <out_dir>/<index>.png.")
-    flags.DEFINE_string("save_tokens", None, "Optional .npy path for the sampled token ids (MaskBit / MaskGIT: "
-                        "(N, h, w); MaskGen: (N, L)).")
+    flags.DEFINE_string("save_tokens", None, "Optional .npy path for the sampled token ids (MaskBit / MaskGIT / "
+                        "Meissonic: (N, h, w); MaskGen: (N, L)).")
     flags.DEFINE_integer("seed", 0, "PRNG seed.")
     flags.DEFINE_integer("nrow", None, "Images per grid row (default ceil(sqrt(N))).")
     flags.DEFINE_integer("num_devices", None, "Devices to shard the batch over (default: all).")
@@ -111,6 +126,18 @@ def parse_labels(text: str | None) -> np.ndarray | None:
     return np.asarray(labels, np.int32)
 
 
+def parse_token_grid(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        grid = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise BadInput(f"--token_grid must be H or H,W (integers), got {text!r} — e.g. --token_grid 64") from None
+    if len(grid) not in (1, 2):
+        raise BadInput(f"--token_grid must be H or H,W, got {text!r} — e.g. --token_grid 64")
+    return grid * 2 if len(grid) == 1 else grid
+
+
 def gather_prompts(prompts: list[str], prompt_file: str | None) -> list[str] | None:
     """--prompt captions, then --prompt_file's; None when neither is given."""
     captions = list(prompts or [])
@@ -142,14 +169,17 @@ def main(argv):
     if labels is not None and captions is not None:
         raise BadInput("pass either --labels or prompts, not both")
     gen = api.load_generator(FLAGS.generator, FLAGS.tokenizer, text_encoder=FLAGS.text_encoder,
-                             bpe_merges=FLAGS.bpe_merges, dtype=FLAGS.dtype)
+                             bpe_merges=FLAGS.bpe_merges, dtype=FLAGS.dtype, negative_prompt=FLAGS.negative_prompt)
     conds = api.make_conditions(gen, labels=labels, captions=captions)
+    token_grid = parse_token_grid(FLAGS.token_grid)
     if FLAGS.mode == "teacher":
-        settings = api.teacher_settings(gen, **{k: getattr(FLAGS, k) for k in TEACHER_FLAGS})
+        given = {k: getattr(FLAGS, k) for k in TEACHER_FLAGS}
+        settings = api.teacher_settings(gen, **dict(given, token_grid=token_grid))
         mode = "hard"
     else:
         settings = dict(temperature=FLAGS.student_temperature, soft_tau=FLAGS.soft_tau, r_init=FLAGS.r_init,
-                        sigma_init=FLAGS.sigma_init)
+                        sigma_init=FLAGS.sigma_init, token_grid=token_grid)
+        gen.student_settings(**settings)  # refuses a setting the family lacks, before any compile
         mode = FLAGS.student_mode
     mesh = meshlib.make_mesh(FLAGS.num_devices)
     images, ids = api.generate(gen, conds, kind=FLAGS.mode, mode=mode, seed=FLAGS.seed,

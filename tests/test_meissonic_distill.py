@@ -214,7 +214,7 @@ def test_prompt_embedding_files(tmp_path):
     np.testing.assert_array_equal(grid["condition"][5], arrays["encoder_hidden_states"][0])
     with pytest.raises(BadInput, match="not found"):
         meissonic_t2i.prompt_table(_tiny_config(prompt_embeddings=str(tmp_path / "no.npz")), model)
-    with pytest.raises(BadInput, match="prompt_embeddings is empty"):
+    with pytest.raises(BadInput, match="prompt_embeddings are empty"):
         meissonic_t2i.prompt_table(_tiny_config(random_init=False), model)
     np.savez(path, **{k: v for k, v in arrays.items() if not k.startswith("negative")})
     with pytest.raises(BadInput, match="negative_encoder_hidden_states"):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softdimo_jax.data.clip_bpe import ClipBPETokenizer
+from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.errors import BadInput
 
 
@@ -128,12 +129,13 @@ def clip_tokenizer(bpe_merges: str | None, context_length: int) -> ClipBPETokeni
     return ClipBPETokenizer(bpe_merges or None, context_length=context_length)
 
 
-def tokenize_checked(clip_model, tokenizer, texts: Sequence[str]) -> np.ndarray:
+def tokenize_checked(clip_model, tokenizer, texts: Sequence[str], pad: str = "zero") -> np.ndarray:
     """(n, context_length) ids of `texts`, refused in one line when an id lies outside the
     text tower's vocabulary (a small tower with the real BPE tokenizer would otherwise
-    embed it as NaN / garbage) or the length differs from the tower's context."""
+    embed it as NaN / garbage) or the length differs from the tower's context. `pad`:
+    "zero" (open_clip) or "eot" (transformers' max_length padding, as Meissonic calls it)."""
     texts = list(texts)
-    ids = np.asarray(tokenizer.tokenize(texts), np.int32)
+    ids = np.asarray(tokenizer.tokenize(texts) if pad == "zero" else tokenizer.tokenize(texts, pad=pad), np.int32)
     vocab, ctx = int(clip_model.vocab_size), int(clip_model.context_length)
     if ids.ndim != 2 or ids.shape[1] != ctx:
         raise BadInput(f"the tokenizer gives ids of shape {ids.shape}, the text tower reads (n, {ctx}) — "
@@ -154,11 +156,15 @@ def _encode(clip_model, clip_params, ids):
 
 
 def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[str], *,
-                        null_prompt: str = "", chunk: int = 64, text_guidance: bool = False) -> PromptConditions:
+                        null_prompt: str = "", chunk: int = 64, text_guidance: bool = False,
+                        pad: str = "zero", mesh=None) -> PromptConditions:
     """Encodes `captions` (and `null_prompt`) once with the text tower, in fixed-size chunks
     (the last one padded) so one compiled forward serves every chunk. `text_guidance`: also
     keep the final-LN tokens (TA-TiTok's decoder input, for decoding during training) as
-    the table's `extra["text_guidance"]`.
+    the table's `extra["text_guidance"]`. `pad`: as `tokenize_checked`. `mesh`: split each
+    chunk's rows over its devices (the chunk rounded up to a multiple of its size), the
+    tower replicated; it must hold only this process's devices (each host encodes its own
+    share, e.g. `local_mesh()`).
 
     tokenizer: anything with `tokenize(list[str]) -> (n, context_length) int ids`
     (softdimo_jax.data.clip_bpe.ClipBPETokenizer)."""
@@ -166,11 +172,15 @@ def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[s
     if not captions:
         raise ValueError("no captions to encode")
     texts = captions + [null_prompt]
+    if mesh is not None:
+        chunk = -(-max(int(chunk), 1) // mesh.size) * mesh.size
+        clip_params = jax.device_put(clip_params, meshlib.replicated(mesh))
     conds, pooled, guide = [], [], []
     for i in range(0, len(texts), chunk):
         part = texts[i : i + chunk]
-        ids = tokenize_checked(clip_model, tokenizer, part + [""] * (chunk - len(part)))
-        c, p, g = _encode(clip_model, clip_params, jnp.asarray(ids))
+        ids = tokenize_checked(clip_model, tokenizer, part + [""] * (chunk - len(part)), pad)
+        ids = jnp.asarray(ids) if mesh is None else jax.device_put(ids, meshlib.batch_sharding(mesh, 2))
+        c, p, g = _encode(clip_model, clip_params, ids)
         conds.append(np.asarray(c, np.float32)[: len(part)])
         pooled.append(np.asarray(p, np.float32)[: len(part)])
         if text_guidance:
@@ -182,11 +192,16 @@ def encode_prompt_table(clip_model, clip_params, tokenizer, captions: Sequence[s
 
 def load_prompt_conditions(path: str, clip_model, clip_params, tokenizer, *, null_prompt: str = "",
                            chunk: int = 64, index: int | None = None, count: int | None = None,
-                           text_guidance: bool = False) -> PromptConditions:
+                           text_guidance: bool = False, pad: str = "zero", mesh=None) -> PromptConditions:
     """read_prompts + shard_prompts (this host's share) + encode_prompt_table."""
     mine = shard_prompts(read_prompts(path), index, count)
     return encode_prompt_table(clip_model, clip_params, tokenizer, mine, null_prompt=null_prompt, chunk=chunk,
-                               text_guidance=text_guidance)
+                               text_guidance=text_guidance, pad=pad, mesh=mesh)
+
+
+def local_mesh():
+    """A mesh of this process's devices only (per-host prompt encoding)."""
+    return meshlib.make_mesh(devices=jax.local_devices())
 
 
 def null_conditions_kwargs(table: PromptConditions) -> dict[str, Any]:

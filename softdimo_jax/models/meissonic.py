@@ -46,6 +46,9 @@ MICRO_COND_DIM = 256  # per micro-condition sinusoid (aMUSEd's micro_cond_encode
 NUM_MICRO_CONDS = 5  # width, height, crop top, crop left, aesthetic score
 # Di[M]O's micro-conditions at 1024 px: [1024, 1024, 0, 0, 6].
 DIMO_MICRO_CONDS = (1024.0, 1024.0, 0.0, 0.0, 6.0)
+# Di[M]O's negative prompt (`distil_neg_prompt`, also Meissonic's inference script's): the CFG branch's text.
+DIMO_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, "
+                        "text, jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
 
 
 def rms_norm(x, weight, eps: float = _EPS):

@@ -10,7 +10,8 @@ TPU pods or GPU hosts (launch/tpu_train.sh, launch/gpu_train.sh), all through
            (configs/maskbit_imagenet256_distill.py), MaskGIT with the taming VQGAN
            (configs/maskgit_imagenet256_distill.py) or MaskGen from a prompt file with the
            OpenCLIP text tower and TA-TiTok (configs/maskgen_t2i_distill.py), or Meissonic from
-           precomputed prompt embeddings (configs/meissonic_t2i_distill.py);
+           a prompt file with its text tower or precomputed prompt embeddings
+           (configs/meissonic_t2i_distill.py);
   gan      Soft-Di[M]O GAN refinement of the distilled MaskBit state in the same workdir
            (configs/maskbit_imagenet256_gan.py);
   reward   reward fine-tuning of the GAN-refined (or distilled) MaskBit state in the same
@@ -204,10 +205,14 @@ def distill(config, workdir: str) -> None:
 
 
 def meissonic_outputs(config, stage_dir: str, model, gen_params, tok_model, tok_params, mesh, n: int) -> None:
-    """Meissonic's student export and one-step grids (it is not in the sampling API yet, so
-    `sample` / `evaluate` do not load it): conditions from the prompt-embedding file."""
+    """Meissonic's student export (with the settings `sample` / `evaluate` read: r_init, σ, token
+    grid, micro-conditions) and one-step grids: conditions from the prompt table, so the grid
+    needs no text tower when the prompts came precomputed."""
     dcfg = config.distill
-    student = phases.export_student(stage_dir, "meissonic_transformer", model, gen_params, stage="distill")
+    # Exported in float32 without remat, as student_outputs does (the sampler picks its own dtype).
+    student = phases.export_student(stage_dir, "meissonic_transformer", model.clone(dtype=jnp.float32, remat=False),
+                                     gen_params, stage="distill",
+                                     sampling=api.student_settings_from_config(dcfg))
     log(f"[distill] student weights -> {student}")
     if tok_model is None or n <= 0:
         log("[distill] no tokenizer_checkpoint or grid_samples = 0: skipping the sample grid")

@@ -13,12 +13,12 @@ MaskBit's expected bits, the codebook mixture of MaskGIT's VQGAN and TA-TiTok).
 Families are rows of `SAMPLING_FAMILIES`, keyed by the converted generator's family
 (`model.json`): the image tokenizer it pairs with, class or text conditions, how its
 one-step adapter is built (`core.adapters`), its teacher sampler, and its hard / soft
-decode. A new family (Meissonic next) adds one row. `sample`, `evaluate --generator`, the
+decode. A new family adds one row. `sample`, `evaluate --generator`, the
 at-scale stage grids and the exported students all go through `generate`; TTEO
 (`sampling.tteo`) takes its adapter and soft decode from the same rows.
 
-Student settings (r_init, σ, init mask mode, temperature, soft mode / τ, aesthetic score)
-come from the exported checkpoint's `model.json` ("sampling", written by the stage that
+Student settings (r_init, σ, init mask mode, temperature, soft mode / τ, aesthetic score;
+Meissonic's token grid and micro-conditions) come from the exported checkpoint's `model.json` ("sampling", written by the stage that
 trained it), else the family's defaults; explicit arguments override both.
 Batches: chunks of `batch_size` rows padded to a multiple of the mesh size; the chunk at
 offset i uses rng fold_in(PRNGKey(seed), i), as `sampling.batching` rows do.
@@ -36,22 +36,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softdimo_jax.core.adapters import LFQBertAdapter, MaskGenAdapter, MaskGITAdapter
+from softdimo_jax.core.adapters import LFQBertAdapter, MaskGenAdapter, MaskGITAdapter, MeissonicAdapter
 from softdimo_jax.data import prompts
 from softdimo_jax.models import lfq
+from softdimo_jax.models.meissonic import DIMO_MICRO_CONDS, DIMO_NEGATIVE_PROMPT
 from softdimo_jax.models.soft_embed import SoftEmbedder
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.converted import ConfigMismatchError, load_converted, read_meta
 from softdimo_jax.runtime.errors import BadInput
 from softdimo_jax.sampling import maskbit_sampler, maskgit_sampler
 from softdimo_jax.sampling.maskgen_sampler import maskgen_generate
+from softdimo_jax.sampling.meissonic_sampler import meissonic_generate
 from softdimo_jax.sampling.student import one_step_logits
 
 KINDS = ("teacher", "student")
 MODES = ("hard", "soft")
 # Settings of the one-step student, and the keys model.json's "sampling" may hold.
 STUDENT_KEYS = ("r_init", "sigma_init", "init_mask_mode", "temperature", "soft_mode", "soft_tau",
-                "aesthetic_score")
+                "aesthetic_score", "token_grid", "micro_conds")
 
 
 # --------------------------------------------------------------------------- families
@@ -70,6 +72,25 @@ def _maskgen_adapter(model, dtype, settings):
     null = np.zeros((1, 1, model.text_embed_dim), np.float32)
     return MaskGenAdapter.from_module(model, null, null, aesthetic_score=float(settings.get("aesthetic_score", 6.5)),
                                       dtype=dtype, remat=False)
+
+
+def meissonic_grid(token_grid) -> tuple[int, int]:
+    """Meissonic's (H, W) token grid, checked: square (the API's tokens are (B, H·W, 1) and
+    the decode reads a square grid) and even (the 2x2 down-sampling)."""
+    grid = tuple(int(g) for g in token_grid)
+    if len(grid) != 2 or grid[0] != grid[1] or grid[0] % 2 or grid[0] < 2:
+        raise BadInput(f"the Meissonic token grid must be a square even (H, W) pair (64, 64 at 1024 px), got "
+                       f"{tuple(token_grid)} — pass e.g. --token_grid 64")
+    return grid
+
+
+def _meissonic_adapter(model, dtype, settings):
+    # The one-step forward is conditional only: the negative prompt is never read.
+    zeros = lambda d: np.zeros((1, 1, d), np.float32)
+    return MeissonicAdapter.from_module(
+        model, zeros(model.joint_attention_dim), zeros(model.pooled_projection_dim),
+        meissonic_grid(settings.get("token_grid", (64, 64))),
+        micro_conds=tuple(settings.get("micro_conds", DIMO_MICRO_CONDS)), dtype=dtype, remat=False)
 
 
 def _maskbit_teacher(model, mesh, settings):
@@ -94,6 +115,21 @@ def _maskgen_teacher(model, mesh, settings):
     return run
 
 
+def _meissonic_teacher(model, mesh, settings):
+    settings = dict(settings)
+    grid = meissonic_grid(settings.pop("token_grid"))
+    micro = tuple(float(m) for m in settings.pop("micro_conds"))
+
+    def run(params, rng, cond):
+        # CFG over [negative; positive]: every row's negative is the same prompt.
+        ids = meissonic_generate(model, params, cond["pooled"][:, 0], cond["condition"], cond["null_pooled"][:1, 0],
+                                 cond["null_condition"][:1], jnp.asarray(micro, jnp.float32), rng, grid=grid,
+                                 **settings)
+        return ids.reshape(ids.shape[0], -1, 1)
+
+    return run
+
+
 def _maskbit_decode_hard(tok, tp, tokens, cond, gen):
     bits = lfq.subtokens_to_bits(tokens, gen.num_bits, gen.splits)
     return _decode_bits(tok, tp, bits)
@@ -109,13 +145,14 @@ def _maskbit_decode_soft(tok, tp, z, cond, gen, embedder, key):
     return _decode_bits(tok, tp, embedder.bits(z, key))
 
 
+# MaskGIT's VQGAN and Meissonic's VQ model: ids (B, g, g) / probabilities (B, g, g, K) of a square grid.
 def _maskgit_decode_hard(tok, tp, tokens, cond, gen):
-    g = gen.grid_size
+    g = math.isqrt(tokens.shape[1])
     return tok.apply({"params": tp}, tokens[..., 0].reshape(-1, g, g), method=type(tok).decode_tokens)
 
 
 def _maskgit_decode_soft(tok, tp, z, cond, gen, embedder, key):
-    g = gen.grid_size
+    g = math.isqrt(z.shape[1])
     probs = embedder.probs(z, key)[:, :, 0]
     return tok.apply({"params": tp}, probs.reshape(-1, g, g, probs.shape[-1]), method=type(tok).decode_soft)
 
@@ -135,7 +172,8 @@ def _maskbit_ids(gen, tokens):
 
 
 def _maskgit_ids(gen, tokens):
-    return np.asarray(tokens)[..., 0].reshape(-1, gen.grid_size, gen.grid_size)
+    g = math.isqrt(np.shape(tokens)[1])
+    return np.asarray(tokens)[..., 0].reshape(-1, g, g)
 
 
 def _maskgen_ids(gen, tokens):
@@ -163,6 +201,19 @@ def _maskgen_check(gen, tok):
     return None
 
 
+def _meissonic_check(gen, tok):
+    if gen.codebook_size != tok.num_vq_embeddings:
+        return f"the transformer has {gen.codebook_size} codes but the VQ model {tok.num_vq_embeddings}"
+    return None
+
+
+def _meissonic_text_check(gen, text):
+    if (text.width, text.embed_dim) != (gen.joint_attention_dim, gen.pooled_projection_dim):
+        return (f"the text tower gives {text.width}-wide states and {text.embed_dim}-wide pooled projections, the "
+                f"transformer reads {gen.joint_attention_dim} and {gen.pooled_projection_dim}")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilySampling:
     """How one generator family samples (see the module docstring)."""
@@ -181,6 +232,12 @@ class FamilySampling:
     teacher_defaults: dict
     # CLI-level teacher setting names -> this family's sampler keywords.
     teacher_names: dict
+    # Text families: the converted text tower's family, its padding, the CFG branch's prompt
+    # and (gen, text model) -> None or what does not fit.
+    text_family: str = "clip_text"
+    text_pad: str = "zero"
+    null_prompt: str = ""
+    check_text: Callable | None = None
 
 
 _ONE_STEP = dict(init_mask_mode="position", temperature=1.0, soft_mode="soft", soft_tau=1.0, aesthetic_score=6.5)
@@ -220,6 +277,22 @@ SAMPLING_FAMILIES: dict[str, FamilySampling] = {
                            randomize_temperature="randomize_temperature", mask_schedule="mask_schedule",
                            aesthetic_score="aesthetic_score"),
     ),
+    # Meissonic: the CLIP-ViT-H-14 tower (ids padded with the end token), CFG over Di[M]O's negative
+    # prompt; the VQ model decodes like MaskGIT's VQGAN (ids / codebook mixture of a square grid).
+    "meissonic_transformer": FamilySampling(
+        conditioning="text", tokenizer_family="meissonic_vqvae", num_classes=lambda g: None,
+        adapter=_meissonic_adapter, teacher=_meissonic_teacher, decode_hard=_maskgit_decode_hard,
+        decode_soft=_maskgit_decode_soft, token_ids=_maskgit_ids, check_pair=_meissonic_check,
+        soft_output=lambda emb, z, key: {"probs": emb.probs(z, key)},
+        student_defaults=dict(_ONE_STEP, r_init=0.5, sigma_init=0.3, token_grid=(64, 64), micro_conds=DIMO_MICRO_CONDS),
+        # Meissonic's pipeline: 48 steps, guidance 9, Gumbel temperature linspace(2, 0), 1024 px.
+        teacher_defaults=dict(num_steps=48, guidance_scale=9.0, temperature=(2.0, 0.0), token_grid=(64, 64),
+                              micro_conds=DIMO_MICRO_CONDS),
+        teacher_names=dict(num_steps="num_steps", guidance_scale="guidance_scale",
+                           randomize_temperature="temperature", token_grid="token_grid"),
+        text_family="meissonic_text", text_pad="eot", null_prompt=DIMO_NEGATIVE_PROMPT,
+        check_text=_meissonic_text_check,
+    ),
 }
 
 
@@ -235,17 +308,19 @@ def family_sampling(family: str) -> FamilySampling:
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
-    """The text tower (converted clip_text) and its BPE tokenizer."""
+    """The text tower (converted clip_text / meissonic_text) and its BPE tokenizer."""
 
     model: Any
     params: Any
     bpe: Any  # anything with tokenize(list[str]) -> (n, context_length) ids
+    pad: str = "zero"  # prompts.tokenize_checked's padding
+    null_prompt: str = ""  # the CFG branch's caption (MaskGen: empty; Meissonic: the negative prompt)
 
-    def encode(self, captions: Sequence[str], null_prompt: str = "") -> dict:
+    def encode(self, captions: Sequence[str], null_prompt: str | None = None) -> dict:
         """Captions -> {"condition", "pooled", "text_guidance"} rows and the null caption's
         {"null_condition", "null_pooled"} (ids checked against the tower's vocabulary)."""
-        texts = list(captions) + [null_prompt]
-        ids = prompts.tokenize_checked(self.model, self.bpe, texts)
+        texts = list(captions) + [self.null_prompt if null_prompt is None else null_prompt]
+        ids = prompts.tokenize_checked(self.model, self.bpe, texts, self.pad)
         out = _clip_forward(self.model, self.params, jnp.asarray(ids))
         return {"condition": np.asarray(out.penultimate[:-1]), "pooled": np.asarray(out.pooled[:-1]),
                 "text_guidance": np.asarray(out.text_guidance[:-1]),
@@ -282,8 +357,13 @@ class Generator:
         return str(self.meta.get("stage") or "teacher")
 
     def student_settings(self, **overrides) -> dict:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - set(self.spec.student_defaults))
+        if unknown:
+            raise BadInput(f"the {self.family} student has no setting {unknown[0]!r} — drop it "
+                           f"(it takes {sorted(self.spec.student_defaults)})")
         stored = {k: v for k, v in (self.meta.get("sampling") or {}).items() if k in STUDENT_KEYS}
-        return {**self.spec.student_defaults, **stored, **{k: v for k, v in overrides.items() if v is not None}}
+        return {**self.spec.student_defaults, **stored, **given}
 
 
 def _load(path: str, what: str, flag: str, want: str | tuple[str, ...], **overrides):
@@ -310,21 +390,24 @@ def _load(path: str, what: str, flag: str, want: str | tuple[str, ...], **overri
     return model, params, meta
 
 
-def load_text_encoder(path: str, bpe_merges: str | None = None, flag: str = "--text_encoder") -> TextEncoder:
-    """The converted clip_text tower and the CLIP BPE tokenizer (merges file `bpe_merges`,
-    else $SOFTDIMO_CLIP_BPE, else open_clip's)."""
-    model, params, _ = _load(path, "text encoder", flag, "clip_text")
+def load_text_encoder(path: str, bpe_merges: str | None = None, flag: str = "--text_encoder", *,
+                      family: str = "clip_text", pad: str = "zero", null_prompt: str = "") -> TextEncoder:
+    """The converted text tower of `family` and the CLIP BPE tokenizer (merges file
+    `bpe_merges`, else $SOFTDIMO_CLIP_BPE, else the packaged copy)."""
+    model, params, _ = _load(path, f"{family} text encoder", flag, family)
     try:
         bpe = prompts.clip_tokenizer(bpe_merges, model.context_length)
     except (FileNotFoundError, ValueError) as e:
         raise BadInput(str(e)) from None
-    return TextEncoder(model, params, bpe)
+    return TextEncoder(model, params, bpe, pad, null_prompt)
 
 
 def load_generator(generator: str, tokenizer: str, *, text_encoder: str | None = None,
-                   bpe_merges: str | None = None, dtype=None, flags: dict | None = None) -> Generator:
+                   bpe_merges: str | None = None, dtype=None, flags: dict | None = None,
+                   negative_prompt: str | None = None) -> Generator:
     """A Generator from converted checkpoints; every problem is a one-line BadInput naming
-    the fix. `flags` renames the arguments in messages (default: sample's flag names)."""
+    the fix. `flags` renames the arguments in messages (default: sample's flag names);
+    `negative_prompt` replaces the family's CFG caption (text teachers)."""
     names = {"generator": "--generator", "tokenizer": "--tokenizer", "text_encoder": "--text_encoder",
              **(flags or {})}
     overrides = {"dtype": dtype} if dtype else {}
@@ -336,8 +419,14 @@ def load_generator(generator: str, tokenizer: str, *, text_encoder: str | None =
     if spec.conditioning == "text":
         if not text_encoder:
             raise BadInput(f"{generator} is a text-to-image {meta['family']} generator — pass "
-                           f"{names['text_encoder']} (a converted clip_text tower) and the prompts")
-        text = load_text_encoder(text_encoder, bpe_merges, names["text_encoder"])
+                           f"{names['text_encoder']} (a converted {spec.text_family} tower) and the prompts")
+        text = load_text_encoder(text_encoder, bpe_merges, names["text_encoder"], family=spec.text_family,
+                                 pad=spec.text_pad, null_prompt=spec.null_prompt if negative_prompt is None
+                                 else negative_prompt)
+        problem = spec.check_text(model, text.model) if spec.check_text else None
+        if problem:
+            raise BadInput(f"{names['text_encoder']} {text_encoder} does not fit the generator: {problem} — pass the "
+                           "text tower the generator was trained with")
     gen = Generator(meta["family"], model, params, tok, tok_params, text, meta)
     check_generator(gen)
     return gen
@@ -456,6 +545,8 @@ def make_batch_sampler(gen: Generator, kind: str = "student", mode: str = "hard"
         if not 0.0 <= resolved["r_init"] <= 1.0:
             raise BadInput(f"r_init is a mask ratio in [0, 1], got {resolved['r_init']}")
     dtype = jnp.dtype(dtype if dtype is not None else gen.model.dtype).name
+    # model.json gives lists (Meissonic's token grid, micro-conditions): the cache key needs tuples.
+    resolved = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
     return _batch_sampler(gen.family, gen.model, gen.tokenizer, kind, mode, mesh,
                           tuple(sorted(resolved.items())), dtype)
 
@@ -526,7 +617,11 @@ def generate(gen: Generator, conds: Conditions, *, kind: str = "student", mode: 
 def student_settings_from_config(dcfg) -> dict:
     """The one-step settings of a distill config block (stored in an exported student's
     model.json, so `sample` and `evaluate` sample it as the stage did)."""
-    return dict(r_init=float(dcfg.r_init), sigma_init=float(dcfg.sigma_init),
-                init_mask_mode=str(dcfg.init_mask_mode), temperature=float(dcfg.sample.temperature),
-                soft_mode=str(dcfg.soft.mode), soft_tau=float(dcfg.soft.tau),
-                aesthetic_score=float(dcfg.get("aesthetic_score", 6.5)))
+    out = dict(r_init=float(dcfg.r_init), sigma_init=float(dcfg.sigma_init),
+               init_mask_mode=str(dcfg.init_mask_mode), temperature=float(dcfg.sample.temperature),
+               soft_mode=str(dcfg.soft.mode), soft_tau=float(dcfg.soft.tau),
+               aesthetic_score=float(dcfg.get("aesthetic_score", 6.5)))
+    for k in ("token_grid", "micro_conds"):  # Meissonic's (its model does not know them)
+        if dcfg.get(k):
+            out[k] = [float(v) if k == "micro_conds" else int(v) for v in dcfg[k]]
+    return out
