@@ -170,7 +170,6 @@ def test_tiny_preset_distill_then_reward_raises_the_reward_on_8_devices(tmp_path
     tuned_model, tuned = load_converted(os.path.join(work, "reward", "student"))
     assert isinstance(tuned_model, MeissonicTransformer)
     before, after = soft(load_converted(os.path.join(work, "distill", "student"))[1]), soft(tuned)
-    print(f"soft reward of the one-step student: distilled {before:.5f} -> reward-tuned {after:.5f}")
     assert after > before + 1e-3, (before, after)
     # Frozen models unchanged and alive; θ's frozen groups (Di[M]O's fix_emb_layer) are the teacher's.
     want = {"teacher": _leaves(teacher), "tokenizer": _leaves(vq_init), "reward": _leaves(rset.params)}
@@ -193,6 +192,7 @@ def test_tiny_preset_distill_then_reward_raises_the_reward_on_8_devices(tmp_path
     stats = json.loads(lines[-1].split("tteo_k1: ", 1)[1])
     assert stats["steps"] == 1 and stats["forward"] == 2 and stats["backward"] == 1
     assert all(np.isfinite(stats[k]) for k in ("soft_reward_before", "soft_reward_after"))
+    print(f"soft reward of the one-step student: distilled {before:.5f} -> reward-tuned {after:.5f}")
 
     arrays = prompt_embeddings.random_prompt_embeddings(4, 6, 12, 16)
     del arrays["captions"]

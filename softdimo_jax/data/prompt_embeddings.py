@@ -56,11 +56,10 @@ def conditions_from_arrays(arrays: dict, *, name: str = "prompt embeddings", tex
     """Checks the arrays (shapes, finiteness; widths against the model when given) and keeps
     this host's rows. `require_captions`: refuse a file without `captions` (the text-to-image
     rewards score images against the captions' text)."""
-    missing = [k for k in REQUIRED if k not in arrays]
-    if require_captions and "captions" not in arrays:
-        missing.append("captions")
+    needed = list(REQUIRED) + (["captions"] if require_captions else [])
+    missing = [k for k in needed if k not in arrays]
     if missing:
-        raise BadInput(f"{name} lacks {missing} — the .npz needs {list(REQUIRED)}")
+        raise BadInput(f"{name} lacks {missing} — the .npz needs {needed}")
     ehs = np.asarray(arrays["encoder_hidden_states"], np.float32)
     pooled = np.asarray(arrays["pooled_projections"], np.float32)
     neg = np.asarray(arrays["negative_encoder_hidden_states"], np.float32)
