@@ -47,7 +47,15 @@ def _load_config(name: str, preset: str):
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-    c = _load_config("maskgen_t2i_distill", preset).copy_and_resolve_references()
+    c = t2i_reward_config("maskgen_t2i_distill", preset)
+    c.lock()
+    return c
+
+
+def t2i_reward_config(distill_config: str, preset: str) -> ml_collections.ConfigDict:
+    """configs/<distill_config>.py:<preset> with the reward and TTEO blocks (also the base of
+    configs/meissonic_t2i_reward.py); returned unlocked."""
+    c = _load_config(distill_config, preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "t2i_reward"
     # Converted reward models (python -m softdimo_jax.convert --model openclip / hfclip).
@@ -78,5 +86,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     t.lr = 0.2
     t.best_of = 1
     c.tteo = t
-    c.lock()
     return c

@@ -1,5 +1,5 @@
 """Text-to-image rewards (SPEC §1.4): CLIP score, HPS v2, PickScore, and reward fine-tuning
-of a text-to-image one-step generator (MaskGen) through soft embeddings.
+of a text-to-image one-step generator (MaskGen, Meissonic) through soft embeddings.
 
 Rewards (registered in `core.reward`'s registry, so `build_reward_set` mixes them with any
 other reward):
@@ -33,10 +33,12 @@ since it cross-attends to the image).
 
 Reward fine-tuning (`T2IRewardRefiner`):
 
-    L = w_dimo · L_DiMO − w_reward · Σ_i λ_i R_i(Dec(softmax(z_θ/τ) @ C_Dec, text), c)
+    L = w_dimo · L_DiMO − w_reward · Σ_i λ_i R_i(Dec(softmax(z_θ/τ) @ C_Dec[, text]), c)
 
-with Dec the frozen TA-TiTok decoder (text-guided by the caption's final-LN text tokens),
-the reward gradient joining Di[M]O's cotangent on z_θ (`Distiller.step_fn(extra_loss=)`).
+with Dec the frozen decoder of the generator's family (`soft_decode_t2i`): TA-TiTok for
+MaskGen (text-guided by the caption's final-LN text tokens), Meissonic's VQ model for
+Meissonic (64x64 soft latents -> 1024 px), the reward gradient joining Di[M]O's cotangent on
+z_θ (`Distiller.step_fn(extra_loss=)`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from softdimo_jax.core.gan import make_refine_distiller
 from softdimo_jax.core.reward import Reward, register_reward, reward_condition
 from softdimo_jax.models.clip import CLIP, HFCLIPModel, clip_vision_tower, l2_normalize
 from softdimo_jax.models.image_preprocess import clip_preprocess
+from softdimo_jax.models.meissonic_vq import MeissonicVQModel
 from softdimo_jax.models.soft_embed import SoftEmbedder
 
 # reward name -> whether the score carries exp(logit_scale). The crop anchor follows the
@@ -179,24 +182,57 @@ def pickscore_reward(**resources) -> Reward:
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def soft_decode_t2i(tatitok, tatitok_params, embedder: SoftEmbedder, z, text_guidance, rng=None):
-    """(B, L, 1, K) or (B, L, K) generator logits -> decoded soft images (B, H, W, 3),
-    unclamped: TA-TiTok's decoder on softmax(z/τ) @ codebook, guided by the caption."""
+def soft_decode_t2i(decoder, decoder_params, embedder: SoftEmbedder, z, conditions, rng=None, *, grid=None):
+    """Generator logits -> decoded soft images (B, H, W, 3), unclamped: the frozen decoder on
+    softmax(z/τ) @ its codebook (SPEC §1.2, decoder side).
+
+    TA-TiTok (MaskGen): z (B, L, K) or (B, L, 1, K), 1-D tokens, the decoder guided by the
+    caption (`conditions["text_guidance"]`). Meissonic's VQ: a 2-D token grid, z (B, H, W, K)
+    as the transformer returns it, or (B, L, 1, K) / (B, L, K) with `grid` = (H, W); no text."""
+    if isinstance(decoder, MeissonicVQModel):
+        if grid is not None:
+            z = z.reshape(z.shape[0], *grid, z.shape[-1])
+        elif z.ndim != 4 or z.shape[2] == 1:
+            raise ValueError(f"Meissonic's VQ decodes a (B, H, W, K) token grid, got logits {z.shape}: pass grid=(H, W)")
+        probs = embedder.probs(z, rng)
+        return decoder.apply({"params": decoder_params}, probs, method=MeissonicVQModel.decode_soft)
+    if "text_guidance" not in conditions:
+        raise ValueError("TA-TiTok decodes with the captions' text_guidance (its text input): add it to the "
+                         "conditions batch (data.prompts.load_prompt_conditions(..., text_guidance=True))")
     if z.ndim == 4:
         z = z[:, :, 0]
     probs = embedder.probs(z, rng)
-    return tatitok.apply({"params": tatitok_params}, probs, text_guidance, method=type(tatitok).decode_soft)
+    return decoder.apply({"params": decoder_params}, probs, conditions["text_guidance"],
+                         method=type(decoder).decode_soft)
+
+
+def check_decoder_fits(generator, decoder) -> None:
+    """The decoder must read the generator's codes (and, for TA-TiTok, its token count)."""
+    if isinstance(decoder, MeissonicVQModel):
+        if decoder.num_vq_embeddings != generator.codebook_size:
+            raise ValueError(f"the VQ model has {decoder.num_vq_embeddings} codes but the generator predicts "
+                             f"{generator.codebook_size} — use the vqvae/ that belongs to the transformer")
+        return
+    if decoder.codebook_size != generator.codebook_size or decoder.num_latent_tokens != generator.seq_len:
+        raise ValueError(
+            f"tokenizer ({decoder.num_latent_tokens} tokens of {decoder.codebook_size} codes) does not fit "
+            f"the generator ({generator.seq_len} tokens of {generator.codebook_size} codes)"
+        )
 
 
 class T2IRewardRefiner:
-    """The text-to-image reward phase. `step(state, batch, rng, frozen)` with batch the step's
-    conditions {"condition", "pooled", "text_guidance", "reward_text": {name: ...}} and
-    frozen = {"teacher", "tokenizer" (TA-TiTok), "reward" (= reward_set.params)}."""
+    """The text-to-image reward phase of a one-step MaskGen (decoder: TA-TiTok) or Meissonic
+    (decoder: its VQ model; the adapter's token grid lays out the logits).
+    `step(state, batch, rng, frozen)` with batch the step's conditions {"condition", "pooled",
+    ["text_guidance" (TA-TiTok),] "reward_text": {name: ...}} and frozen = {"teacher",
+    "tokenizer" (the decoder), "reward" (= reward_set.params)}."""
 
-    def __init__(self, adapter, distill_config, reward_config, tatitok, reward_set, mesh=None):
+    def __init__(self, adapter, distill_config, reward_config, decoder, reward_set, mesh=None):
         self.adapter = adapter
         self.config = reward_config
-        self.tatitok = tatitok
+        self.decoder = decoder
+        check_decoder_fits(adapter.student, decoder)
+        self.grid = tuple(adapter.grid) if isinstance(decoder, MeissonicVQModel) else None
         self.reward_set = reward_set
         self.distiller = make_refine_distiller(adapter, distill_config, reward_config, mesh)
         self.mesh = self.distiller.mesh
@@ -205,12 +241,9 @@ class T2IRewardRefiner:
     def init_state(self, dimo_state):
         return self.distiller.restart_from(dimo_state)
 
-    def reward_loss(self, tatitok_params, reward_params, z, labels, rng):
-        if "text_guidance" not in labels:
-            raise ValueError("text-to-image reward fine-tuning needs the captions' text_guidance (TA-TiTok's "
-                             "text input) in the conditions batch")
+    def reward_loss(self, decoder_params, reward_params, z, labels, rng):
         k = rng if self.embedder.mode.startswith("gumbel") else None
-        images = soft_decode_t2i(self.tatitok, tatitok_params, self.embedder, z, labels["text_guidance"], k)
+        images = soft_decode_t2i(self.decoder, decoder_params, self.embedder, z, labels, k, grid=self.grid)
         total, parts = self.reward_set.total(reward_params, images, labels)
         stats = {"reward": jnp.mean(total)}
         stats.update({f"reward_{k}": jnp.mean(v) for k, v in parts.items()})

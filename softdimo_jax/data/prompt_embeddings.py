@@ -9,7 +9,8 @@ and the CFG branch's (Di[M]O: its negative prompt; Meissonic's pipeline: the neg
 empty prompt):
   negative_encoder_hidden_states (1, T, D) or (T, D);
   negative_pooled_projections    (1, P) or (P,);
-optionally `captions` (N,) strings (for logs). Each host keeps rows i::process_count, as
+optionally `captions` (N,) strings (for logs; required by reward fine-tuning, whose rewards
+read the captions' text). Each host keeps rows i::process_count, as
 prompt files are shared (`softdimo_jax.data.prompts.shard_prompts`), in the same
 `PromptConditions` table the MaskGen path uses (condition = encoder_hidden_states,
 pooled = pooled_projections[:, None]).
@@ -51,12 +52,14 @@ def _read_npz(path: str) -> dict:
 
 def conditions_from_arrays(arrays: dict, *, name: str = "prompt embeddings", text_dim: int | None = None,
                            pooled_dim: int | None = None, index: int | None = None,
-                           count: int | None = None) -> PromptConditions:
+                           count: int | None = None, require_captions: bool = False) -> PromptConditions:
     """Checks the arrays (shapes, finiteness; widths against the model when given) and keeps
-    this host's rows."""
-    missing = [k for k in REQUIRED if k not in arrays]
+    this host's rows. `require_captions`: refuse a file without `captions` (the text-to-image
+    rewards score images against the captions' text)."""
+    needed = list(REQUIRED) + (["captions"] if require_captions else [])
+    missing = [k for k in needed if k not in arrays]
     if missing:
-        raise BadInput(f"{name} lacks {missing} — the .npz needs {list(REQUIRED)}")
+        raise BadInput(f"{name} lacks {missing} — the .npz needs {needed}")
     ehs = np.asarray(arrays["encoder_hidden_states"], np.float32)
     pooled = np.asarray(arrays["pooled_projections"], np.float32)
     neg = np.asarray(arrays["negative_encoder_hidden_states"], np.float32)

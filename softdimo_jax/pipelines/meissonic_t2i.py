@@ -108,6 +108,16 @@ def grid_conditions(config, model: MeissonicTransformer, n: int) -> dict:
     return table.rows(np.arange(n) % len(table))
 
 
+def reward_prompt_table(config, model: MeissonicTransformer):
+    """The reward phase's table: as `prompt_table`, but an .npz must hold its `captions` (the
+    rewards score the images against the captions' text)."""
+    path = config.get("prompt_embeddings") or ""
+    if path and not config.get("prompt_file"):  # both set: prompt_table refuses
+        return prompt_embeddings.load_prompt_embeddings(
+            path, text_dim=model.joint_attention_dim, pooled_dim=model.pooled_projection_dim, require_captions=True)
+    return prompt_table(config, model)
+
+
 def one_step_images(model, gen_params, vq, vq_params, conds, rng, dcfg, soft: bool):
     """One-step student images (N, H, W, 3) in [0, 1] (Di[M]O's generate_one_step): sampled ids
     through the VQ decoder, or softmax(z / soft.tau) @ codebook when soft."""

@@ -8,5 +8,5 @@ PIPELINES = {
     "distill": at_scale.distill,  # Di[M]O of a converted MaskBit / MaskGIT / MaskGen teacher
     "gan": at_scale.gan,  # Soft-Di[M]O GAN refinement of the distilled MaskBit
     "reward": at_scale.reward,  # reward fine-tuning of the refined MaskBit
-    "t2i_reward": t2i.t2i_reward,  # text-to-image reward fine-tuning + TTEO of the distilled MaskGen
+    "t2i_reward": t2i.t2i_reward,  # text-to-image reward fine-tuning + TTEO of the distilled MaskGen / Meissonic
 }
