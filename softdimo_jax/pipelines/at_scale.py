@@ -139,6 +139,17 @@ def grid_conditions(config, gen: api.Generator, captions=None) -> api.Conditions
     return api.Conditions(labels=api.check_labels(np.asarray(labels)[:n], num_classes, "config.grid_labels"))
 
 
+def export_one_step_student(stage: str, config, stage_dir: str, model, gen_params) -> dict:
+    """Exports a stage's EMA student (`<stage_dir>/student`) with the one-step settings that
+    `sample` / `evaluate` read (r_init, σ, …; Meissonic's token grid and micro-conditions) and
+    returns those settings. Float32 without remat: runtime fields, the sampler picks its dtype."""
+    settings = api.student_settings_from_config(config.distill)
+    where = phases.export_student(stage_dir, family_of(model), model.clone(dtype=jnp.float32, remat=False),
+                                  gen_params, stage=stage, sampling=settings)
+    log(f"[{stage}] student weights -> {where}")
+    return settings
+
+
 def student_outputs(stage: str, config, stage_dir: str, model, gen_params, tok_model, tok_params, mesh,
                     text=None, captions=None, modes=("hard", "soft")) -> None:
     """What every distillation / refinement stage leaves: its EMA student exported as a
@@ -146,11 +157,7 @@ def student_outputs(stage: str, config, stage_dir: str, model, gen_params, tok_m
     with a tokenizer, one-step grids `student_<mode>.png` through the sampling API."""
     dcfg = config.distill
     family = family_of(model)
-    settings = api.student_settings_from_config(dcfg)
-    # Exported in float32 without remat: runtime fields, the sampler picks its own dtype.
-    export_model = model.clone(dtype=jnp.float32, remat=False)
-    where = phases.export_student(stage_dir, family, export_model, gen_params, stage=stage, sampling=settings)
-    log(f"[{stage}] student weights -> {where}")
+    settings = export_one_step_student(stage, config, stage_dir, model, gen_params)
     if tok_model is None:
         log(f"[{stage}] no tokenizer_checkpoint: skipping the sample grid")
         return
@@ -209,11 +216,7 @@ def meissonic_outputs(config, stage_dir: str, model, gen_params, tok_model, tok_
     grid, micro-conditions) and one-step grids: conditions from the prompt table, so the grid
     needs no text tower when the prompts came precomputed."""
     dcfg = config.distill
-    # Exported in float32 without remat, as student_outputs does (the sampler picks its own dtype).
-    student = phases.export_student(stage_dir, "meissonic_transformer", model.clone(dtype=jnp.float32, remat=False),
-                                     gen_params, stage="distill",
-                                     sampling=api.student_settings_from_config(dcfg))
-    log(f"[distill] student weights -> {student}")
+    export_one_step_student("distill", config, stage_dir, model, gen_params)
     if tok_model is None or n <= 0:
         log("[distill] no tokenizer_checkpoint or grid_samples = 0: skipping the sample grid")
         return

@@ -37,7 +37,6 @@ from softdimo_jax.models.tatitok import TATiTok
 from softdimo_jax.pipelines import at_scale, meissonic_t2i, phases
 from softdimo_jax.runtime import artifacts
 from softdimo_jax.runtime.artifacts import log
-from softdimo_jax.runtime.converted import family_of
 from softdimo_jax.runtime.errors import BadInput
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
@@ -116,7 +115,7 @@ def t2i_reward(config, workdir: str) -> None:
         frozen={"teacher": teacher_params, "tokenizer": tok_params, "reward": rset.params},
         keep=int(dcfg.keep_checkpoints), fingerprint=at_scale.stage_identity(config, workdir, "distill"))
     gen = generator_params(result.state, dcfg.sample.use_ema)
-    log(f"[reward] generator weights -> {phases.export_student(stage_dir, family_of(model), model, gen)}")
+    at_scale.export_one_step_student("reward", config, stage_dir, model, gen)
     n = max(int(config.get("grid_samples", 16)), mesh.size)
     n -= n % mesh.size
     rows = table.rows(np.arange(n) % len(table))
