@@ -94,7 +94,9 @@ def main(argv=None) -> int:
         sub = jax.random.categorical(k_out, z, axis=-1)
         return lfq.merge_splits(sub, c["num_bits"], c["splits"]).reshape(-1, side, side)
 
-    dec_only = jax.jit(lambda tp, ids: jnp.clip(tok.apply({"params": tp}, ids, method=ConvVQModel.decode_tokens), 0, 1))
+    # decode_tokens as the sampling API runs it (up-sampling folded, see ConvVQModel.fold_upsample).
+    dec = tok.clone(fold_upsample=True)
+    dec_only = jax.jit(lambda tp, ids: jnp.clip(dec.apply({"params": tp}, ids, method=ConvVQModel.decode_tokens), 0, 1))
     rng = jax.random.PRNGKey(0)
     t_setup = time.perf_counter() - t0
     t0 = time.perf_counter()
