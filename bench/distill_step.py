@@ -40,6 +40,20 @@ CONFIGS = {
 LEAN_MALLOC_OPTIONS = ((-8, 1),)
 
 
+# --lean auto's threshold: S (3.6M parameters: five float32 copies in the state) has a
+# memory target; T (0.56M) fits in cache-sized buffers and loses ~30% to the memory schedule.
+LEAN_MIN_PARAMS = 2_000_000
+
+
+def lfqbert_params(c, num_classes: int = 1000) -> int:
+    """LFQBert's parameter count from a CONFIGS row (no jax needed)."""
+    d, mlp, n = c["hidden_dim"], c["mlp_dim"], c["num_tokens"] + 1
+    layer = (3 * d * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 4 * d
+    out = c["splits"] * 2 ** (c["num_bits"] // c["splits"])
+    return (c["num_bits"] * d + d) + (num_classes + 1) * d + n * d + 2 * d + c["depth"] * layer \
+        + (d * d + d) + 2 * d + (d * out + out)
+
+
 def analytic_flops(c, batch: int) -> float:
     """Matmul FLOPs of one iteration: 10 forward-equivalents of the transformer
     (generator fwd+bwd 3, teacher cond+uncond 2, auxiliary target 1, fresh generator
@@ -104,8 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", choices=["auto", "on", "off"], default="auto",
                     help="memory settings for CPU runs: one malloc arena, XLA:CPU's "
                          "memory-optimised scheduler and serial code generation, and the init "
-                         "programs dropped before the step is compiled. auto: on for S, the "
-                         "config with a memory target; off otherwise (it costs T ~30%%)")
+                         "programs dropped before the step is compiled. auto: on for a CPU "
+                         "backend when the model has >= LEAN_MIN_PARAMS parameters (its state "
+                         "then sets the peak); off on accelerators and for small models, where "
+                         "it costs ~30%% and saves little")
     ap.add_argument("--no_lean", dest="lean", action="store_const", const="off", help="--lean=off")
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--num_devices", type=int, default=-1)
@@ -114,7 +130,10 @@ def main(argv=None) -> int:
     ap.add_argument("--peak_gflops", type=float, default=150.0,
                     help="peak for the fraction-of-peak line (H100 bf16 dense: ~989000)")
     args = ap.parse_args(argv)
-    args.lean = args.lean == "on" or (args.lean == "auto" and args.config == "S")
+    c = dict(CONFIGS[args.config])
+    # By the model and (below) the backend, never by the config's name. glibc's arena
+    # setting must precede jax's threads, so it follows the size rule alone (harmless off CPU).
+    args.lean = args.lean == "on" or (args.lean == "auto" and lfqbert_params(c) >= LEAN_MIN_PARAMS)
     if args.lean:
         # glibc malloc, set before jax starts its threads. One arena: the compiler's and
         # XLA's worker threads otherwise each keep an arena of freed blocks (S: ~100 MB
@@ -138,7 +157,8 @@ def main(argv=None) -> int:
     from softdimo_jax.core.dimo import Distiller
     from softdimo_jax.pipelines.phases import distill_trainer, step_compiler_options
 
-    c = dict(CONFIGS[args.config])
+    if args.lean and jax.default_backend() != "cpu":
+        args.lean = False  # XLA:CPU options: nothing to set on an accelerator
     batch = args.batch or c.pop("batch")
     c.pop("batch", None)
     iters = args.iters or (20 if args.config == "T" else 5)
