@@ -10,8 +10,10 @@ it) and the fraction of a given peak (default 150 GFLOP/s: the issue's figure fo
 2048² fp32 matmul on the 2-core CPU box) and, on CPU, of that matmul timed beside the step
 (287-333 GFLOP/s with jax 0.10.2). The last line is `distill_step_s=<median> images_per_s=<x>`.
 
-Reference: the official PyTorch Di[M]O step (fp32, eager) on the 2-core machine: 2.0 s (S),
-0.18 s (T), 940 MB peak RSS (S). Not a test: run it by hand.
+With torch installed (`pip install -e '.[bench]'`), the same run also times our PyTorch
+reference of the iteration (bench/torch_reference.py: MaskBit's LFQBert, eager fp32, in a
+child process with its own peak RSS), alternating one JAX and one PyTorch iteration, and
+the last line adds `speedup=<PyTorch median / ours>`. Not a test: run it by hand.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import resource
 import statistics
 import sys
 import time
+
+from reference_process import TorchReference, cpu_model, torch_available
 
 CONFIGS = {
     "S": dict(hidden_dim=256, depth=4, heads=4, mlp_dim=1024, num_tokens=256, num_bits=14, splits=2, batch=8),
@@ -34,6 +38,20 @@ CONFIGS = {
 # in the environment of any other command, e.g. the training CLI). A fixed 256 KiB mmap
 # threshold or a 1 MiB trim threshold took ~30 MB more off the peak but cost S ~20%.
 LEAN_MALLOC_OPTIONS = ((-8, 1),)
+
+
+# --lean auto's threshold: S (3.6M parameters: five float32 copies in the state) has a
+# memory target; T (0.56M) fits in cache-sized buffers and loses ~30% to the memory schedule.
+LEAN_MIN_PARAMS = 2_000_000
+
+
+def lfqbert_params(c, num_classes: int = 1000) -> int:
+    """LFQBert's parameter count from a CONFIGS row (no jax needed)."""
+    d, mlp, n = c["hidden_dim"], c["mlp_dim"], c["num_tokens"] + 1
+    layer = (3 * d * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 4 * d
+    out = c["splits"] * 2 ** (c["num_bits"] // c["splits"])
+    return (c["num_bits"] * d + d) + (num_classes + 1) * d + n * d + 2 * d + c["depth"] * layer \
+        + (d * d + d) + 2 * d + (d * out + out)
 
 
 def analytic_flops(c, batch: int) -> float:
@@ -100,15 +118,22 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", choices=["auto", "on", "off"], default="auto",
                     help="memory settings for CPU runs: one malloc arena, XLA:CPU's "
                          "memory-optimised scheduler and serial code generation, and the init "
-                         "programs dropped before the step is compiled. auto: on for S, the "
-                         "config with a memory target; off otherwise (it costs T ~30%%)")
+                         "programs dropped before the step is compiled. auto: on for a CPU "
+                         "backend when the model has >= LEAN_MIN_PARAMS parameters (its state "
+                         "then sets the peak); off on accelerators and for small models, where "
+                         "it costs ~30%% and saves little")
     ap.add_argument("--no_lean", dest="lean", action="store_const", const="off", help="--lean=off")
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--num_devices", type=int, default=-1)
+    ap.add_argument("--torch", choices=["auto", "off"], default="auto",
+                    help="time the PyTorch reference in the same run (auto: when torch is installed)")
     ap.add_argument("--peak_gflops", type=float, default=150.0,
                     help="peak for the fraction-of-peak line (H100 bf16 dense: ~989000)")
     args = ap.parse_args(argv)
-    args.lean = args.lean == "on" or (args.lean == "auto" and args.config == "S")
+    c = dict(CONFIGS[args.config])
+    # By the model and (below) the backend, never by the config's name. glibc's arena
+    # setting must precede jax's threads, so it follows the size rule alone (harmless off CPU).
+    args.lean = args.lean == "on" or (args.lean == "auto" and lfqbert_params(c) >= LEAN_MIN_PARAMS)
     if args.lean:
         # glibc malloc, set before jax starts its threads. One arena: the compiler's and
         # XLA's worker threads otherwise each keep an arena of freed blocks (S: ~100 MB
@@ -132,7 +157,8 @@ def main(argv=None) -> int:
     from softdimo_jax.core.dimo import Distiller
     from softdimo_jax.pipelines.phases import distill_trainer, step_compiler_options
 
-    c = dict(CONFIGS[args.config])
+    if args.lean and jax.default_backend() != "cpu":
+        args.lean = False  # XLA:CPU options: nothing to set on an accelerator
     batch = args.batch or c.pop("batch")
     c.pop("batch", None)
     iters = args.iters or (20 if args.config == "T" else 5)
@@ -197,13 +223,19 @@ def main(argv=None) -> int:
 
     state, m = compiled(state, *step_args)  # warm-up iteration
     jax.block_until_ready(m)
-    times, cpu = [], []
+    ref = None
+    if args.torch == "auto" and torch_available():
+        # Started after our compile: its warm-up iteration runs while we wait.
+        ref = TorchReference("dimo", dict(c, num_classes=1000, dropout=args.dropout), batch)
+    times, cpu, ref_times = [], [], []
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
         state, m = compiled(state, *step_args)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        if ref is not None:  # alternating: both see the same machine load
+            ref_times.append(ref.time("step"))
     med = statistics.median(times)
     rss["run"] = rss_now_mb()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -239,7 +271,19 @@ def main(argv=None) -> int:
         print(f"a jitted 2048² fp32 matmul runs at {mm:.1f} GFLOP/s now: the step reached "
               f"{100 * achieved / mm:.1f}% of it")
     print(f"loss {float(m['loss']):.4f} fkl {float(m['fkl']):.4f} aux_loss {float(m['aux_loss']):.4f}")
-    print(f"distill_step_s={med:.4f} images_per_s={batch / med:.2f}")
+    speedup = "nan"
+    if ref is None:
+        print("PyTorch reference not timed: " + ("--torch off" if args.torch == "off" else
+                                                 "torch is not installed (pip install -e '.[bench]')"))
+    else:
+        ref_med, ref_rss = statistics.median(ref_times), ref.peak_rss_mb()
+        ref.close()
+        speedup = f"{ref_med / med:.2f}"
+        print(f"PyTorch reference ({ref.banner[6:]}), alternating with ours: median {ref_med:.4f} s, "
+              f"min {min(ref_times):.4f} s, max {max(ref_times):.4f} s over {iters}; peak RSS {ref_rss:.0f} MB")
+        print(f"ours / PyTorch: time {med / ref_med:.3f} (speed-up {ref_med / med:.2f}x), "
+              f"peak RSS {rss_mb / ref_rss:.3f}; load average {os.getloadavg()[0]:.2f} ({cpu_model()})")
+    print(f"distill_step_s={med:.4f} images_per_s={batch / med:.2f} speedup={speedup}")
     return 0
 
 

@@ -138,6 +138,9 @@ def _maskbit_decode_hard(tok, tp, tokens, cond, gen):
 def _decode_bits(tok, tp, bits):
     b, n, k = bits.shape
     side = math.isqrt(n)
+    # Inference decode: up-sampling convs folded onto the small grid (same function up to
+    # round-off, ~26% fewer decoder FLOPs at 14 bits / 256 px; see ConvVQModel.fold_upsample).
+    tok = tok.clone(fold_upsample=True)
     return tok.apply({"params": tp}, bits.reshape(b, side, side, k), method=type(tok).decode_bits)
 
 
