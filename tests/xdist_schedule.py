@@ -48,7 +48,7 @@ class CostliestFileFirst(LoadScopeScheduling):
         return nodeid.split("::", 1)[0]
 
     def _assign_work_unit(self, node) -> None:
-        # max() keeps collection order among equal costs.
+        # Equal costs keep xdist's order (files with more tests first).
         scope = max(self.workqueue, key=file_cost)
         work_unit = self.workqueue.pop(scope)
         self.assigned_work.setdefault(node, {})[scope] = work_unit
