@@ -24,3 +24,14 @@ def fixtures_dir() -> pathlib.Path:
             f"({DEFAULT_FIXTURES}), or in the folder named by the SOFTDIMO_FIXTURES environment variable"
         )
     return FIXTURES
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (xdist's default `--dist load`) shares whole files, costliest first
+    (tests/xdist_schedule.py); any other `--dist` mode is left to xdist."""
+    if config.getvalue("dist") != "load":
+        return None
+    import xdist_schedule  # tests/ is on sys.path; xdist is only there when this hook is called
+
+    return xdist_schedule.CostliestFileFirst(config, log)

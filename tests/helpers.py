@@ -1,10 +1,30 @@
 """Shared test helpers (importable: pytest puts tests/ on sys.path)."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
+import pytest
 
 from softdimo_jax.pipelines import phases
 
 FAST = {"xla_backend_optimization_level": 0}  # compile time dominates the tiny test steps
+
+
+@contextlib.contextmanager
+def fast_compiles():
+    """Inside: every `jax.jit(...)` call compiles with FAST unless it names its own options.
+    A plain `functools.partial(jax.jit, compiler_options=FAST)` patch misses the jits that
+    pass `compiler_options=None` explicitly, the Trainer's step among them (the largest
+    compile of a pipeline run)."""
+    jit = jax.jit
+
+    def fast_jit(fun, *args, compiler_options=None, **kwargs):
+        return jit(fun, *args, compiler_options=FAST if compiler_options is None else compiler_options, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "jit", fast_jit)
+        yield
 
 
 def distill_stepper(distiller, teacher_params, compiler_options=FAST):

@@ -1,7 +1,6 @@
 """The at-scale pipelines of `python -m softdimo_jax.main` on tiny converted MaskBit
 checkpoints: distill, then reward fine-tuning from the distilled state in the same workdir."""
 
-import functools
 import importlib.util
 import os
 
@@ -9,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from helpers import FAST
+from helpers import fast_compiles
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskbit_tokenizer import ConvVQModel
 from softdimo_jax.pipelines import at_scale
@@ -32,8 +31,8 @@ def _config(tmp_path):
     return c
 
 
-def test_distill_then_reward_in_one_workdir(tmp_path, monkeypatch):
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+@fast_compiles()  # the Trainer's steps too
+def test_distill_then_reward_in_one_workdir(tmp_path):
     gen = LFQBert(num_tokens=16, num_bits=6, splits=2, hidden_dim=32, depth=1, heads=2, mlp_dim=64,
                   num_classes=10, dropout=0.0)
     tok = ConvVQModel(num_bits=6, hidden_channels=32, channel_mult=(1, 1, 1), num_res_blocks=1, num_channels=1)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from configs.digits import get_config
+from helpers import fast_compiles
 from softdimo_jax.pipelines import digits as train
 from softdimo_jax.runtime.checkpointing import CheckpointMismatchError
 
@@ -29,7 +30,10 @@ def smoke_config():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    metrics = train.train_and_evaluate(smoke_config(), workdir)
+    # Unoptimised XLA code: the smoke sizes make compiling, not running, the cost. The
+    # rerun below compiles the same way (it recomputes the one-step rows and compares them).
+    with fast_compiles():
+        metrics = train.train_and_evaluate(smoke_config(), workdir)
     return workdir, metrics
 
 
@@ -61,7 +65,8 @@ def test_smoke_pipeline_writes_everything(smoke_run):
 
 def test_rerun_restores_every_stage(smoke_run, capsys):
     workdir, first = smoke_run
-    again = train.train_and_evaluate(smoke_config(), workdir)
+    with fast_compiles():
+        again = train.train_and_evaluate(smoke_config(), workdir)
     err = capsys.readouterr().err
     for stage in ("tokenizer", "teacher", "classifier"):
         assert f"[{stage}] complete at step 4" in err

@@ -20,7 +20,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from helpers import FAST
+from helpers import fast_compiles
 from softdimo_jax import evaluate, sample
 from softdimo_jax.conversion.inception import convert_inception, save_params
 from softdimo_jax.core.reward import build_reward_set
@@ -51,8 +51,7 @@ CELL = max(SIDE, CAPTION_MIN_WIDTH)
 
 @pytest.fixture(scope="module")
 def fast_jit():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+    with fast_compiles():  # the Trainer's steps too
         yield
 
 

@@ -1,7 +1,6 @@
 """The text-to-image reward pipeline (configs/maskgen_t2i_reward.py, pipelines/t2i.py) on tiny
 converted checkpoints: distill, then reward fine-tuning + TTEO in the same workdir."""
 
-import functools
 import importlib.util
 import json
 import os
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from helpers import FAST
+from helpers import fast_compiles
 from softdimo_jax.models.clip import CLIP
 from softdimo_jax.models.clip_text import ClipTextTransformer
 from softdimo_jax.models.maskgen import MaskGenVQ
@@ -56,8 +55,8 @@ def _config(tmp_path):
     return c
 
 
-def test_distill_then_t2i_reward_and_tteo(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=FAST))
+@fast_compiles()  # the Trainer's steps too
+def test_distill_then_t2i_reward_and_tteo(tmp_path, capsys):
     _save_models(tmp_path)
     (tmp_path / "prompts.txt").write_text("a red cube\ntwo dogs on a beach\na bowl of soup\n")
     config = _config(tmp_path)
