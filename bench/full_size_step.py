@@ -16,7 +16,10 @@ loaded executable, Python). The measured peak is VmHWM reset (/proc/self/clear_r
 compiling, so the compiler's own peak (printed separately) does not count.
 
 Last line: `full_size_step_s=<median s/iter> peak_rss_gib=<stepping> predicted_gib=<prediction>`.
-Needs ~15 GiB of free memory at batch 1 (the state alone is ~10 GiB). Not a test: run by hand.
+Needs ~16 GiB of free memory at batch 1 (the state alone is ~10 GiB); after compiling it checks
+/proc/meminfo's MemAvailable and stops with the prediction if the step cannot fit
+(--force runs anyway). The compiled step is kept in a persistent compilation cache
+(--cache_dir), so a rerun skips the ~8 min compile. Not a test: run by hand.
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def proc_meminfo(key: str) -> float:
+    """A /proc/meminfo field (MemAvailable) in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024.0
+    return float("nan")
+
+
 def malloc_trim() -> None:
     gc.collect()
     try:
@@ -98,7 +110,14 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=0, help="teacher layers (0: the released 24; a smoke check of the script)")
     ap.add_argument("--set", action="append", default=[], metavar="BLOCK.KEY=VALUE",
                     help="config override, e.g. distill.remat=False (repeatable)")
+    ap.add_argument("--margin_gib", type=float, default=0.5, help="memory to leave to the machine's other users")
+    ap.add_argument("--force", action="store_true", help="run even if MemAvailable says it will not fit")
+    ap.add_argument("--cache_dir", default="/tmp/softdimo_full_size_jax_cache",
+                    help="JAX persistent compilation cache: a rerun skips the ~8 min compile ('' disables)")
     args = ap.parse_args(argv)
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if jax.default_backend() != "cpu":
         print("error: this benchmark measures the CPU target — run with JAX_PLATFORMS=cpu", file=sys.stderr)
         return 2
@@ -142,8 +161,24 @@ def main(argv=None) -> int:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", float("nan")))
 
+    g = lambda x: f"{x / GIB:.2f} GiB"
+    print(f"compile {t_compile:.1f} s (peak RSS while compiling {g(compile_peak)}); memory_analysis: "
+          + ", ".join(f"{k} {g(v)}" for k, v in mem.items()), flush=True)
+
     jax.clear_caches()  # the init programs; the compiled step is held by `compiled`
     malloc_trim()
+    # Will it fit? The state (the step's arguments less the teacher, allocated already) and
+    # the step's new buffers, against what the machine has free now (shared hosts: measured).
+    need = step_bytes - live_bytes()
+    avail = proc_meminfo("MemAvailable")
+    print(f"before the state exists: RSS {g(proc_status('VmRSS'))}, {g(live_bytes())} of live arrays; the step "
+          f"needs {g(need)} more; MemAvailable {g(avail)}", flush=True)
+    if need > avail - args.margin_gib * GIB and not args.force:
+        print(f"error: the full-size step needs {g(need)} more than this process holds, the machine has "
+              f"{g(avail)} available (margin {args.margin_gib} GiB) — free memory or pass --force", file=sys.stderr)
+        print(f"full_size_step_s=nan peak_rss_gib=nan predicted_gib="
+              f"{(proc_status('VmRSS') - live_bytes() + step_bytes) / GIB:.2f}")
+        return 1
     state = trainer.init_state()
     jax.block_until_ready(state)
     malloc_trim()
@@ -165,14 +200,12 @@ def main(argv=None) -> int:
     loss = {k: float(m[k]) for k in ("loss", "fkl", "aux_loss") if k in m}
     assert all(np.isfinite(v) for v in loss.values()), loss
 
-    g = lambda x: f"{x / GIB:.2f} GiB"
     print(f"MaskBit 14-bit Soft-Di[M]O distillation (configs/maskbit_imagenet256_distill.py): "
           f"{nparams / 1e6:.2f}M parameters per model (teacher, θ, ψ; plus EMA and two Adam states), "
           f"depth {model.depth}, batch {args.batch}, compute {dcfg.compute_dtype}, remat {dcfg.remat}, 1 CPU device, "
           f"{os.cpu_count()} cores; {free_gib:.1f} GiB free at start")
     print(f"init {t_init:.1f} s, compile {t_compile:.1f} s (peak RSS while compiling {g(compile_peak)}), "
           f"XLA options {phases.step_compiler_options(dcfg) or 'default'}")
-    print("memory_analysis: " + ", ".join(f"{k} {g(v)}" for k, v in mem.items()))
     print(f"runtime baseline (RSS before the first step {g(rss_before)} less {g(live_bytes())} of live arrays): "
           f"{g(baseline)}")
     print(f"predicted peak = baseline + arguments + outputs - aliased + temporaries = {g(predicted)}")
