@@ -3,16 +3,24 @@ launch/local_multiprocess.sh (ENTRY=this file): N processes × D CPU devices joi
 jax.distributed through softdimo_jax.runtime.distributed, the same start-up as a pod.
 
 Modes:
-  phases   the smoke config's distillation, GAN and reward phases (digits-smoke sizes, a
-           random teacher / tokenizer made from a fixed seed, 2-3 steps each, a checkpoint
-           every step) through pipelines.phases, i.e. the Trainer, its one jitted step, the
-           orbax checkpoints; on a complete workdir every phase only restores. Process 0
-           writes <out>/phases.npz: each phase's logged losses and final state (gathered).
-           Every process records its data shards (GAN real batches, tfds rows, prompts) and
-           calls the process-0-only writers (grid, metrics.json) on its own directory;
-           with --fid_fixture, FID Inception features of 12 images fed per process.
-  long     a distillation of many steps (SIGTERM test): after each step writes
-           <out>/progress_<process>; on SIGTERM the Trainer saves and main-like code exits 0.
+  phases   the smoke config's distillation (--distill_steps steps), GAN and reward phases
+           (digits-smoke sizes, a random teacher / tokenizer made from a fixed seed, 3 steps
+           each) through pipelines.phases, i.e. the Trainer, its one jitted step, the orbax
+           checkpoints; on a complete workdir every phase only restores. Process 0 writes
+           <out>/phases.npz: each phase's logged losses and final state (gathered). Every
+           process records its data shards (GAN real batches, tfds rows, prompts) and calls
+           the process-0-only writers (grid, metrics.json) on its own directory; with
+           --fid_fixture, FID Inception features of 12 images fed per process.
+  distill  the phases mode's distillation alone, as `softdimo_jax.main` runs a stage: under
+           the workdir lock (.softdimo.lock), resuming from the latest checkpoint. Every
+           process writes <out>/pid_<process> at start and appends each finished step to
+           <out>/progress_<process> (then sleeps --step_sleep s, so a test can interrupt it
+           mid-run); on SIGTERM the Trainer saves the step and the worker exits 0 as main
+           does (<out>/preempted_<process>.json); at the end process 0 writes
+           <out>/distill.npz (logged losses and their steps, the step it resumed from, the
+           final state).
+With --restore_workdir (either mode), a complete phases workdir written by another process
+count is first restored into <restore_out>/phases.npz (nothing trains) in the same launch.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -48,6 +57,7 @@ from softdimo_jax.parity import load_fixture  # noqa: E402
 from softdimo_jax.pipelines import phases  # noqa: E402
 from softdimo_jax.runtime import artifacts  # noqa: E402
 from softdimo_jax.runtime import mesh as meshlib  # noqa: E402
+from softdimo_jax.runtime.workdir_lock import workdir_lock  # noqa: E402
 
 
 def gathered(tree):
@@ -73,13 +83,20 @@ def models(config):
     return tok, as_np(tok_params), grid, teacher, as_np(t_params)
 
 
-def run_phases(args, config, out: dict, shards: dict) -> None:
+def distill_setup(config, distill_steps: int):
+    """The distillation config on a (data 4, fsdp 2) mesh (the data axis spans the processes)."""
     dcfg = config.distill
-    dcfg.fsdp = 2  # a (data 4, fsdp 2) mesh: the data axis spans the processes
-    mesh = meshlib.make_mesh(None, fsdp=2)
+    dcfg.fsdp = 2
+    if distill_steps:
+        dcfg.num_steps = distill_steps
+    return dcfg, meshlib.make_mesh(None, fsdp=2)
+
+
+def run_phases(workdir, config, out: dict, shards: dict, distill_steps: int) -> None:
+    dcfg, mesh = distill_setup(config, distill_steps)
     tok, tok_params, grid, teacher, t_params = models(config)
 
-    result, distiller = phases.train_distill(dcfg, teacher, t_params, os.path.join(args.workdir, "distill"), mesh)
+    result, distiller = phases.train_distill(dcfg, teacher, t_params, os.path.join(workdir, "distill"), mesh)
     out["distill/losses"] = np.asarray([h["loss"] for h in result.history], np.float64)
     out["distill/resumed_from"] = np.asarray(-1 if result.resumed_from is None else result.resumed_from)
     flat("distill/state", gathered(result.state), out)
@@ -100,7 +117,7 @@ def run_phases(args, config, out: dict, shards: dict) -> None:
     placed = distiller.place_teacher(t_params)
     init = lambda s, tp: refiner.init_state(jax.random.PRNGKey(int(gcfg.seed)), s, tp)
     gan = phases.train_refinement("gan", refiner, init, (result.state, placed), gcfg,
-                                  os.path.join(args.workdir, "gan"), batch_fn=batch_fn,
+                                  os.path.join(workdir, "gan"), batch_fn=batch_fn,
                                   frozen={"teacher": placed}, keep=2, fingerprint={"phase": "gan"})
     out["gan/losses"] = np.asarray([h["loss"] for h in gan.history], np.float64)
     flat("gan/state", gathered(gan.state), out)
@@ -110,7 +127,7 @@ def run_phases(args, config, out: dict, shards: dict) -> None:
     rset = rewards.build_reward_set({"brightness": 1.0})
     rref = rewards.RewardRefiner(make_adapter(teacher, dcfg), dcfg, rcfg, tok, rset, (grid, grid), mesh)
     rew = phases.train_refinement(
-        "reward", rref, rref.init_state, (gan.state.dimo,), rcfg, os.path.join(args.workdir, "reward"),
+        "reward", rref, rref.init_state, (gan.state.dimo,), rcfg, os.path.join(workdir, "reward"),
         batch_fn=lambda step: None, frozen={"teacher": placed, "tokenizer": tok_params, "reward": rset.params},
         keep=2, fingerprint={"phase": "reward"})
     out["reward/losses"] = np.asarray([h["loss"] for h in rew.history], np.float64)
@@ -150,45 +167,63 @@ def record_fid(args, out: dict) -> None:
         out[f"fid/{k}"] = np.concatenate([f[k] for f in feats])
 
 
-def run_long(args, config) -> int:
-    dcfg = config.distill
-    dcfg.update(dict(num_steps=100000, ckpt_every=100000, log_every=100000))
-    mesh = meshlib.make_mesh(None, fsdp=1)
+def run_distill(args, config) -> int:
+    dcfg, mesh = distill_setup(config, args.distill_steps)
     _, _, _, teacher, t_params = models(config)
     me = jax.process_index()
+    with open(os.path.join(args.out, f"pid_{me}"), "w") as f:
+        f.write(str(os.getpid()))
 
     def on_step_end(step, state):
         with open(os.path.join(args.out, f"progress_{me}"), "a") as f:
             f.write(f"{step}\n")
+        time.sleep(args.step_sleep)
 
-    try:
-        result, _ = phases.train_distill(dcfg, teacher, t_params, os.path.join(args.workdir, "distill"), mesh,
-                                         on_step_end=on_step_end)
-    except Preempted as e:
-        with open(os.path.join(args.out, f"preempted_{me}.json"), "w") as f:
-            json.dump({"step": e.step, "stage": e.stage}, f)
-        return 0  # what softdimo_jax.main does
-    return 1  # never finishes on its own
+    with workdir_lock(args.workdir):  # what softdimo_jax.main holds around a run
+        try:
+            result, _ = phases.train_distill(dcfg, teacher, t_params, os.path.join(args.workdir, "distill"), mesh,
+                                             on_step_end=on_step_end)
+        except Preempted as e:
+            with open(os.path.join(args.out, f"preempted_{me}.json"), "w") as f:
+                json.dump({"step": e.step, "stage": e.stage}, f)
+            return 0  # what softdimo_jax.main does
+    out = {"losses": np.asarray([h["loss"] for h in result.history], np.float64),
+           "loss_steps": np.asarray([h["step"] for h in result.history], np.int64),
+           "resumed_from": np.asarray(-1 if result.resumed_from is None else result.resumed_from)}
+    flat("distill/state", gathered(result.state), out)
+    if me == 0:
+        np.savez(os.path.join(args.out, "distill.npz"), **out)
+    return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=("phases", "long"), default="phases")
+    p.add_argument("--mode", choices=("phases", "distill"), default="phases")
+    p.add_argument("--distill_steps", type=int, default=0, help="0: the smoke config's")
+    p.add_argument("--step_sleep", type=float, default=0.0)
+    p.add_argument("--restore_workdir", default="")
+    p.add_argument("--restore_out", default="")
     p.add_argument("--tfds_dir", default="")
     p.add_argument("--prompt_file", default="")
     p.add_argument("--fid_fixture", default="")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = get_config("smoke").copy_and_resolve_references()
-    if args.mode == "long":
-        return run_long(args, config)
     me = jax.process_index()
+    if args.restore_workdir:
+        restored: dict = {}
+        run_phases(args.restore_workdir, config.copy_and_resolve_references(), restored, {}, args.distill_steps)
+        if me == 0:
+            os.makedirs(args.restore_out, exist_ok=True)
+            np.savez(os.path.join(args.restore_out, "phases.npz"), **restored)
+    if args.mode == "distill":
+        return run_distill(args, config)
     shards = {"process": me, "processes": jax.process_count(), "pid": os.getpid(),
               "local_devices": jax.local_device_count(), "devices": jax.device_count()}
     out: dict = {}
-    run_phases(args, config, out, shards)
+    run_phases(args.workdir, config, out, shards, args.distill_steps)
     record_data_shards(args, shards)
     if args.fid_fixture:
         record_fid(args, out)
