@@ -46,6 +46,8 @@ from softdimo_jax.core.dimo import Distiller
 from softdimo_jax.core.gan import GanRefiner
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
+from softdimo_jax.models.meissonic import MeissonicTransformer
+from softdimo_jax.models.meissonic_text import MeissonicTextEncoder
 from softdimo_jax.pipelines import phases
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.converted import FAMILIES, config_value_to_json, expected_params, read_meta
@@ -126,15 +128,43 @@ def _model_spec(path: str, family: str, bits: int | None, *, what: str):
     return family, {k: config_value_to_json(v) for k, v in cfg.items()}
 
 
+# The layer-count fields of each transformer family; the first is "the depth" of --depths
+# and the others keep their ratio to it (Meissonic: 14 dual- and 28 single-stream blocks,
+# so depth d means d dual + 2d single blocks).
+DEPTH_FIELDS = {"meissonic_transformer": ("num_layers", "num_single_layers")}
+
+
+def scaled_depth(family: str, cfg: dict, depth: int, what: str) -> dict:
+    """The layer-count fields of `cfg` at `depth` (the first field's value)."""
+    fields = DEPTH_FIELDS.get(family, ("depth",))
+    if fields[0] not in cfg:
+        raise BadInput(f"the {family} {what} has no {fields[0]!r} field — drop --depths")
+    full = int(cfg[fields[0]])
+    out = {}
+    for f in fields:
+        n = int(cfg[f]) * depth
+        if n % full:
+            raise BadInput(f"--depths: {depth} of {full} layers leaves a fraction of the {cfg[f]} {f} of the "
+                           f"{family} {what} — use depths that divide evenly, e.g. 1,2")
+        out[f] = n // full
+    return out
+
+
+def model_depth(model) -> int:
+    """The model's depth in the sense of `scaled_depth`."""
+    for fields in DEPTH_FIELDS.values():
+        if hasattr(model, fields[0]):
+            return int(getattr(model, fields[0]))
+    return int(model.depth)
+
+
 def build_model(path: str, family: str, bits: int | None = None, *, what: str, depth: int | None = None,
                 **runtime):
     """(model, abstract float32 params) without reading any weights; `depth` overrides the
     number of transformer layers (the depth extrapolation of `--depths`)."""
     fam, cfg = _model_spec(path, family, bits, what=what)
     if depth:
-        if "depth" not in cfg:
-            raise BadInput(f"the {fam} {what} has no 'depth' field — drop --depths")
-        cfg["depth"] = int(depth)
+        cfg.update(scaled_depth(fam, cfg, int(depth), what))
     cfg.update({k: config_value_to_json(v) for k, v in runtime.items()})
     model = FAMILIES[fam].build(cfg)
     params = jax.eval_shape(lambda: expected_params(model))
@@ -171,6 +201,16 @@ def maskgen_conditions(config, batch: int):
     return null, rows
 
 
+def meissonic_conditions(config, batch: int):
+    """Meissonic's condition shapes (CLIP-H penultimate tokens and projected pooled
+    embedding, as the prompt-embedding file holds them): the negative prompt's, the batch's."""
+    model, _ = teacher_model(config)
+    t = (1, int(MeissonicTextEncoder.context_length), int(model.joint_attention_dim))
+    p = (1, 1, int(model.pooled_projection_dim))
+    null = dict(null_condition=np.zeros(t, np.float32), null_pooled=np.zeros(p, np.float32))
+    return null, {"condition": (batch,) + t[1:], "pooled": (batch,) + p[1:]}
+
+
 # --------------------------------------------------------------------------- phases
 
 
@@ -205,8 +245,9 @@ def build_phase(config, phase: str, mesh, depth: int | None = None):
     model, teacher = teacher_model(config, depth)
     if phase == "distill":
         batch, kwargs = None, {}
-        if isinstance(model, MaskGenVQ):
-            kwargs, rows = maskgen_conditions(config, int(dcfg.batch_size))
+        if isinstance(model, (MaskGenVQ, MeissonicTransformer)):
+            conditions = maskgen_conditions if isinstance(model, MaskGenVQ) else meissonic_conditions
+            kwargs, rows = conditions(config, int(dcfg.batch_size))
             batch = {k: struct(v, jnp.float32, mesh) for k, v in rows.items()}
         distiller = Distiller(make_adapter(model, dcfg, **kwargs), dcfg, mesh)
         trainer = phases.distill_trainer(distiller, teacher, None, batch_fn=lambda step: None,
@@ -343,7 +384,7 @@ def find_batch(config, phase, devices, fsdp, topology) -> dict:
 def full_depth(config, phase: str) -> int:
     if phase == "teacher":
         return int(config.teacher.model.depth)
-    return int(teacher_model(config)[0].depth)
+    return model_depth(teacher_model(config)[0])
 
 
 def extrapolate(config, phase, devices, fsdp, topology, depths: tuple[int, int], per_chip: int | None) -> dict:
