@@ -19,7 +19,9 @@ chip's HBM, FLOPs per step and per image, and, last, one line scripts read:
 peak's straight line in the batch, then checks its prediction (stepping down until it
 fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
 peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
-`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs).
+`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs);
+`--topology=h100:N` for N H100 80GB GPUs (memory only: XLA's GPU compiler reports no FLOPs;
+needs the `gpu_aot` extra, jax's CUDA plugin, but no GPU or driver).
 v4 topologies use the megacore chip config (one device per chip). Phases: distill (every
 family), gan and reward (MaskBit), teacher (MaskBit). Notes: XLA counts a loop body once in
 `cost_analysis`; our transformers unroll their layers, so the FLOPs are whole.
@@ -56,7 +58,8 @@ from softdimo_jax.runtime.errors import BadInput, RunFailure, debug_requested, g
 
 GIB = 2**30
 # HBM per chip (GiB), by the topology name's prefix.
-HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0,
+           "h100": 84978434048 / 2**30}  # H100 80GB: the 79.1 GiB CUDA reports
 PHASES = ("distill", "gan", "reward", "teacher")
 
 FLAGS = flags.FLAGS
@@ -66,7 +69,8 @@ def define_flags() -> None:
     """The command's flags (defined when it runs, so importing this module defines none)."""
     config_flags.DEFINE_config_file("config", None, "ml_collections config file[:preset]", lock_config=True)
     flags.DEFINE_string("phase", None, f"one of {PHASES} (default: the config's pipeline)")
-    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology (v5e:4x4, v5p:2x2x1, v6e:4x4, v4:4x4x4, ...) or cpu:N")
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology (v5e:4x4, v5p:2x2x1, v6e:4x4, v4:4x4x4, ...), "
+                        "h100:N (memory only; the gpu_aot extra) or cpu:N")
     flags.DEFINE_integer("num_slices", 1, "slices of the topology (multi-slice over DCN)")
     flags.DEFINE_integer("per_chip_batch", 0, "images per chip (0: the config's global batch / chips)")
     flags.DEFINE_bool("find_batch", False, "report the largest per-chip batch that fits")
@@ -86,6 +90,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
             raise BadInput(f"--topology={name}: JAX sees {len(cpus)} CPU devices — set "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
         return cpus[:n]
+    if name.startswith("h100"):
+        return gpu_devices(name)
     # libtpu warns at length when it cannot find these on a host that is not a TPU VM.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -103,6 +109,44 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
         msg = " ".join(str(e).split())[:200]
         raise BadInput(f"cannot describe TPU topology {name!r} ({msg}) — install the tpu extra "
                        "(pip install -e '.[tpu]') and use a name such as v5e:2x2, v5p:2x2x1, v4:2x2x2") from e
+    return list(topo.devices)
+
+
+# XLA's GPU target description of an H100 SXM 80GB (device_description.proto text): what
+# the GPU compiler needs in place of a visible device. Hardware facts only; no autotuning
+# results, so the compile picks default kernels (the memory plan is what we read).
+H100_TARGET_CONFIG = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def gpu_devices(name: str) -> list:
+    """`h100:N` (N GPUs on one host) or `h100:HxN` (H hosts of N): compile-only devices of the
+    CUDA plugin described by `H100_TARGET_CONFIG` — no GPU or driver needed. Memory only: XLA's
+    GPU compiler reports no FLOPs."""
+    m = re.fullmatch(r"h100:(?:(\d+)x)?(\d+)", name)
+    if not m:
+        raise BadInput(f"--topology={name}: write h100:N (N GPUs) or h100:HxN (H hosts of N GPUs)")
+    hosts, per_host = int(m.group(1) or 1), int(m.group(2))
+    # The plugin checks the CUDA libraries' versions against a driver there is none of.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(topology_name="", platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                            target_config=H100_TARGET_CONFIG)
+    except (NotImplementedError, RuntimeError) as e:  # no CUDA plugin installed
+        msg = " ".join(str(e).split())[:200]
+        raise BadInput(f"cannot describe {name} ({msg}) — install the gpu_aot extra "
+                       "(pip install -e '.[gpu_aot]': jax's CUDA 12 plugin, no GPU needed)") from e
     return list(topo.devices)
 
 
@@ -348,10 +392,13 @@ def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topolog
     peak = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated_code"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", float("nan")))
+    flops = float((cost or {}).get("flops", float("nan")))  # None on GPU: memory only
     hbm = hbm_gib(topology)
     out.update(memory=mem, peak=peak, flops=flops, compiled=compiled, trainer=trainer,
                fits=True if hbm is None else peak <= hbm * GIB)
+    # One line per compile as it finishes: a long --depths / --find_batch run shows progress.
+    print(f"  compiled {topology} {phase} depth={depth or 'full'} per_chip={per_chip} in {out['seconds']:.0f}s: "
+          f"peak {peak / GIB:.3f} GiB, {flops / 1e9:.1f} GFLOP per device", file=sys.stderr, flush=True)
     return out
 
 

@@ -161,3 +161,19 @@ def test_meissonic_distill_step_lowers_with_prompt_conditions_at_a_scaled_depth(
     step = jax.ShapeDtypeStruct((), jnp.int32)
     lowered = trainer.compiled_step().lower(trainer.abstract_state(), batch, step, trainer.frozen)
     assert "stablehlo" in lowered.as_text()[:20000]
+
+
+def test_h100_topology_needs_the_cuda_plugin_or_gives_compile_only_gpus():
+    with pytest.raises(aot.BadInput, match="write h100:N"):
+        aot.topology_devices("h100:eight")
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:
+        plugin = False
+    if not plugin:  # the test environment
+        with pytest.raises(aot.BadInput, match=r"install the gpu_aot extra"):
+            aot.topology_devices("h100:8")
+    else:
+        devices = aot.topology_devices("h100:2x4")
+        assert len(devices) == 8 and devices[0].platform == "gpu"
+    assert aot.hbm_gib("h100:8") == pytest.approx(79.14, abs=0.01)
