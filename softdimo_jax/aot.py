@@ -19,7 +19,8 @@ chip's HBM, FLOPs per step and per image, and, last, one line scripts read:
 peak's straight line in the batch, then checks its prediction (stepping down until it
 fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
 peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
-`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs);
+`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N
+local CPU devices (the memory a CPU run needs);
 `--topology=h100:N` for N H100 80GB GPUs (memory only: XLA's GPU compiler reports no FLOPs;
 needs the `gpu_aot` extra, jax's CUDA plugin, but no GPU or driver).
 v4 topologies use the megacore chip config (one device per chip). Phases: distill (every
@@ -493,7 +494,7 @@ def report(r: dict, topology: str, phase: str) -> list[str]:
                      f"TFLOP in all; {flops * r['devices'] / r['global_batch'] / 1e9:.1f} GFLOP per image")
     peak_gib = f"{peak / GIB:.3f}" if peak else "nan"
     lines.append(f"aot: topology={topology} phase={phase} per_chip_batch={r['per_chip_batch']} "
-                 f"fits={'yes' if r['fits'] else 'no'} peak_gib={peak_gib} hbm_gib={hbm if hbm else 'nan'} "
+                 f"fits={'yes' if r['fits'] else 'no'} peak_gib={peak_gib} hbm_gib={f'{hbm:.1f}' if hbm else 'nan'} "
                  f"gflops_per_step={flops / 1e9:.1f}")
     return lines
 
