@@ -19,7 +19,10 @@ chip's HBM, FLOPs per step and per image, and, last, one line scripts read:
 peak's straight line in the batch, then checks its prediction (stepping down until it
 fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
 peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
-`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N local CPU devices (the memory a CPU run needs).
+`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N
+local CPU devices (the memory a CPU run needs);
+`--topology=h100:N` for N H100 80GB GPUs (memory only: XLA's GPU compiler reports no FLOPs;
+needs the `gpu_aot` extra, jax's CUDA plugin, but no GPU or driver).
 v4 topologies use the megacore chip config (one device per chip). Phases: distill (every
 family), gan and reward (MaskBit), teacher (MaskBit). Notes: XLA counts a loop body once in
 `cost_analysis`; our transformers unroll their layers, so the FLOPs are whole.
@@ -46,6 +49,8 @@ from softdimo_jax.core.dimo import Distiller
 from softdimo_jax.core.gan import GanRefiner
 from softdimo_jax.models.maskbit_bert import LFQBert
 from softdimo_jax.models.maskgen import MaskGenVQ
+from softdimo_jax.models.meissonic import MeissonicTransformer
+from softdimo_jax.models.meissonic_text import MeissonicTextEncoder
 from softdimo_jax.pipelines import phases
 from softdimo_jax.runtime import mesh as meshlib
 from softdimo_jax.runtime.converted import FAMILIES, config_value_to_json, expected_params, read_meta
@@ -54,7 +59,8 @@ from softdimo_jax.runtime.errors import BadInput, RunFailure, debug_requested, g
 
 GIB = 2**30
 # HBM per chip (GiB), by the topology name's prefix.
-HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0,
+           "h100": 84978434048 / 2**30}  # H100 80GB: the 79.1 GiB CUDA reports
 PHASES = ("distill", "gan", "reward", "teacher")
 
 FLAGS = flags.FLAGS
@@ -64,7 +70,8 @@ def define_flags() -> None:
     """The command's flags (defined when it runs, so importing this module defines none)."""
     config_flags.DEFINE_config_file("config", None, "ml_collections config file[:preset]", lock_config=True)
     flags.DEFINE_string("phase", None, f"one of {PHASES} (default: the config's pipeline)")
-    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology (v5e:4x4, v5p:2x2x1, v6e:4x4, v4:4x4x4, ...) or cpu:N")
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU topology (v5e:4x4, v5p:2x2x1, v6e:4x4, v4:4x4x4, ...), "
+                        "h100:N (memory only; the gpu_aot extra) or cpu:N")
     flags.DEFINE_integer("num_slices", 1, "slices of the topology (multi-slice over DCN)")
     flags.DEFINE_integer("per_chip_batch", 0, "images per chip (0: the config's global batch / chips)")
     flags.DEFINE_bool("find_batch", False, "report the largest per-chip batch that fits")
@@ -84,6 +91,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
             raise BadInput(f"--topology={name}: JAX sees {len(cpus)} CPU devices — set "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
         return cpus[:n]
+    if name.startswith("h100"):
+        return gpu_devices(name)
     # libtpu warns at length when it cannot find these on a host that is not a TPU VM.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -101,6 +110,44 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
         msg = " ".join(str(e).split())[:200]
         raise BadInput(f"cannot describe TPU topology {name!r} ({msg}) — install the tpu extra "
                        "(pip install -e '.[tpu]') and use a name such as v5e:2x2, v5p:2x2x1, v4:2x2x2") from e
+    return list(topo.devices)
+
+
+# XLA's GPU target description of an H100 SXM 80GB (device_description.proto text): what
+# the GPU compiler needs in place of a visible device. Hardware facts only; no autotuning
+# results, so the compile picks default kernels (the memory plan is what we read).
+H100_TARGET_CONFIG = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def gpu_devices(name: str) -> list:
+    """`h100:N` (N GPUs on one host) or `h100:HxN` (H hosts of N): compile-only devices of the
+    CUDA plugin described by `H100_TARGET_CONFIG` — no GPU or driver needed. Memory only: XLA's
+    GPU compiler reports no FLOPs."""
+    m = re.fullmatch(r"h100:(?:(\d+)x)?(\d+)", name)
+    if not m:
+        raise BadInput(f"--topology={name}: write h100:N (N GPUs) or h100:HxN (H hosts of N GPUs)")
+    hosts, per_host = int(m.group(1) or 1), int(m.group(2))
+    # The plugin checks the CUDA libraries' versions against a driver there is none of.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(topology_name="", platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                            target_config=H100_TARGET_CONFIG)
+    except (NotImplementedError, RuntimeError) as e:  # no CUDA plugin installed
+        msg = " ".join(str(e).split())[:200]
+        raise BadInput(f"cannot describe {name} ({msg}) — install the gpu_aot extra "
+                       "(pip install -e '.[gpu_aot]': jax's CUDA 12 plugin, no GPU needed)") from e
     return list(topo.devices)
 
 
@@ -126,15 +173,43 @@ def _model_spec(path: str, family: str, bits: int | None, *, what: str):
     return family, {k: config_value_to_json(v) for k, v in cfg.items()}
 
 
+# The layer-count fields of each transformer family; the first is "the depth" of --depths
+# and the others keep their ratio to it (Meissonic: 14 dual- and 28 single-stream blocks,
+# so depth d means d dual + 2d single blocks).
+DEPTH_FIELDS = {"meissonic_transformer": ("num_layers", "num_single_layers")}
+
+
+def scaled_depth(family: str, cfg: dict, depth: int, what: str) -> dict:
+    """The layer-count fields of `cfg` at `depth` (the first field's value)."""
+    fields = DEPTH_FIELDS.get(family, ("depth",))
+    if fields[0] not in cfg:
+        raise BadInput(f"the {family} {what} has no {fields[0]!r} field — drop --depths")
+    full = int(cfg[fields[0]])
+    out = {}
+    for f in fields:
+        n = int(cfg[f]) * depth
+        if n % full:
+            raise BadInput(f"--depths: {depth} of {full} layers leaves a fraction of the {cfg[f]} {f} of the "
+                           f"{family} {what} — use depths that divide evenly, e.g. 1,2")
+        out[f] = n // full
+    return out
+
+
+def model_depth(model) -> int:
+    """The model's depth in the sense of `scaled_depth`."""
+    for fields in DEPTH_FIELDS.values():
+        if hasattr(model, fields[0]):
+            return int(getattr(model, fields[0]))
+    return int(model.depth)
+
+
 def build_model(path: str, family: str, bits: int | None = None, *, what: str, depth: int | None = None,
                 **runtime):
     """(model, abstract float32 params) without reading any weights; `depth` overrides the
     number of transformer layers (the depth extrapolation of `--depths`)."""
     fam, cfg = _model_spec(path, family, bits, what=what)
     if depth:
-        if "depth" not in cfg:
-            raise BadInput(f"the {fam} {what} has no 'depth' field — drop --depths")
-        cfg["depth"] = int(depth)
+        cfg.update(scaled_depth(fam, cfg, int(depth), what))
     cfg.update({k: config_value_to_json(v) for k, v in runtime.items()})
     model = FAMILIES[fam].build(cfg)
     params = jax.eval_shape(lambda: expected_params(model))
@@ -171,6 +246,16 @@ def maskgen_conditions(config, batch: int):
     return null, rows
 
 
+def meissonic_conditions(config, batch: int):
+    """Meissonic's condition shapes (CLIP-H penultimate tokens and projected pooled
+    embedding, as the prompt-embedding file holds them): the negative prompt's, the batch's."""
+    model, _ = teacher_model(config)
+    t = (1, int(MeissonicTextEncoder.context_length), int(model.joint_attention_dim))
+    p = (1, 1, int(model.pooled_projection_dim))
+    null = dict(null_condition=np.zeros(t, np.float32), null_pooled=np.zeros(p, np.float32))
+    return null, {"condition": (batch,) + t[1:], "pooled": (batch,) + p[1:]}
+
+
 # --------------------------------------------------------------------------- phases
 
 
@@ -205,8 +290,9 @@ def build_phase(config, phase: str, mesh, depth: int | None = None):
     model, teacher = teacher_model(config, depth)
     if phase == "distill":
         batch, kwargs = None, {}
-        if isinstance(model, MaskGenVQ):
-            kwargs, rows = maskgen_conditions(config, int(dcfg.batch_size))
+        if isinstance(model, (MaskGenVQ, MeissonicTransformer)):
+            conditions = maskgen_conditions if isinstance(model, MaskGenVQ) else meissonic_conditions
+            kwargs, rows = conditions(config, int(dcfg.batch_size))
             batch = {k: struct(v, jnp.float32, mesh) for k, v in rows.items()}
         distiller = Distiller(make_adapter(model, dcfg, **kwargs), dcfg, mesh)
         trainer = phases.distill_trainer(distiller, teacher, None, batch_fn=lambda step: None,
@@ -307,10 +393,13 @@ def analyse(config, phase: str, devices: list, per_chip: int, fsdp: int, topolog
     peak = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated_code"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", float("nan")))
+    flops = float((cost or {}).get("flops", float("nan")))  # None on GPU: memory only
     hbm = hbm_gib(topology)
     out.update(memory=mem, peak=peak, flops=flops, compiled=compiled, trainer=trainer,
                fits=True if hbm is None else peak <= hbm * GIB)
+    # One line per compile as it finishes: a long --depths / --find_batch run shows progress.
+    print(f"  compiled {topology} {phase} depth={depth or 'full'} per_chip={per_chip} in {out['seconds']:.0f}s: "
+          f"peak {peak / GIB:.3f} GiB, {flops / 1e9:.1f} GFLOP per device", file=sys.stderr, flush=True)
     return out
 
 
@@ -343,7 +432,7 @@ def find_batch(config, phase, devices, fsdp, topology) -> dict:
 def full_depth(config, phase: str) -> int:
     if phase == "teacher":
         return int(config.teacher.model.depth)
-    return int(teacher_model(config)[0].depth)
+    return model_depth(teacher_model(config)[0])
 
 
 def extrapolate(config, phase, devices, fsdp, topology, depths: tuple[int, int], per_chip: int | None) -> dict:
@@ -405,7 +494,7 @@ def report(r: dict, topology: str, phase: str) -> list[str]:
                      f"TFLOP in all; {flops * r['devices'] / r['global_batch'] / 1e9:.1f} GFLOP per image")
     peak_gib = f"{peak / GIB:.3f}" if peak else "nan"
     lines.append(f"aot: topology={topology} phase={phase} per_chip_batch={r['per_chip_batch']} "
-                 f"fits={'yes' if r['fits'] else 'no'} peak_gib={peak_gib} hbm_gib={hbm if hbm else 'nan'} "
+                 f"fits={'yes' if r['fits'] else 'no'} peak_gib={peak_gib} hbm_gib={f'{hbm:.1f}' if hbm else 'nan'} "
                  f"gflops_per_step={flops / 1e9:.1f}")
     return lines
 

@@ -132,3 +132,48 @@ def test_depth_extrapolation_recovers_a_bilinear_peak(monkeypatch, tiny_teacher)
     best = aot.extrapolate(config, "distill", devices, 4, "v5e:2x2", (2, 4), per_chip=None)
     b = best["per_chip_batch"]
     assert peak(full, b) <= 16 * gib < peak(full, b + 1) and best["fits"]
+
+
+def test_meissonic_distill_step_lowers_with_prompt_conditions_at_a_scaled_depth(tmp_path):
+    """Meissonic's distillation step takes the prompt-embedding rows as its batch, and
+    --depths scales its dual- and single-stream blocks together (here 2 + 4 -> 1 + 2)."""
+    spec = importlib.util.spec_from_file_location("meissonic_config", ROOT / "configs" / "meissonic_t2i_distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("tiny")
+    fields = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.random_transformer.items()}
+    fields.update(num_layers=2, num_single_layers=4)
+    model = aot.MeissonicTransformer(**fields)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: expected_params(model)))
+    config.teacher_checkpoint = str(tmp_path / "meissonic")
+    save_converted(config.teacher_checkpoint, "meissonic_transformer", model, params)
+    assert aot.full_depth(config, "distill") == 2
+    with pytest.raises(aot.BadInput, match="use depths that divide evenly"):
+        aot.scaled_depth("meissonic_transformer", {"num_layers": 4, "num_single_layers": 6}, 3, "teacher")
+    mesh = meshlib.make_mesh(4, fsdp=2, devices=aot.topology_devices("v5e:2x2"))
+    trainer, batch = aot.build_phase(config, "distill", mesh, depth=1)
+    teacher = trainer.frozen["teacher"]
+    assert sum(k.startswith("transformer_blocks_") for k in teacher) == 1
+    assert sum(k.startswith("single_transformer_blocks_") for k in teacher) == 2
+    b = int(config.distill.batch_size)
+    assert batch["condition"].shape == (b, 77, fields["joint_attention_dim"])
+    assert batch["pooled"].shape == (b, 1, fields["pooled_projection_dim"])
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    lowered = trainer.compiled_step().lower(trainer.abstract_state(), batch, step, trainer.frozen)
+    assert "stablehlo" in lowered.as_text()[:20000]
+
+
+def test_h100_topology_needs_the_cuda_plugin_or_gives_compile_only_gpus():
+    with pytest.raises(aot.BadInput, match="write h100:N"):
+        aot.topology_devices("h100:eight")
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:
+        plugin = False
+    if not plugin:  # the test environment
+        with pytest.raises(aot.BadInput, match=r"install the gpu_aot extra"):
+            aot.topology_devices("h100:8")
+    else:
+        devices = aot.topology_devices("h100:2x4")
+        assert len(devices) == 8 and devices[0].platform == "gpu"
+    assert aot.hbm_gib("h100:8") == pytest.approx(79.14, abs=0.01)
