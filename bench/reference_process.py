@@ -7,6 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+# Pause around each PyTorch measurement: either side's idle worker threads (OpenMP's,
+# XLA:CPU's) may spin for a while after their work, which would bill the other side.
+SETTLE_S = 0.1
 
 
 def torch_available() -> bool:
@@ -34,7 +39,10 @@ class TorchReference:
         return self._read()
 
     def time(self, op: str) -> float:
-        return float(self.ask(op))
+        time.sleep(SETTLE_S)
+        seconds = float(self.ask(op))
+        time.sleep(SETTLE_S)
+        return seconds
 
     def peak_rss_mb(self) -> float:
         return float(self.ask("rss"))

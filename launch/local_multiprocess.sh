@@ -73,21 +73,33 @@ trap 'forward INT' INT
 
 status=0
 live=("${pids[@]}")
-# Polling, not `wait -n`: wait -n returns 127 with no pid for a child bash has already
-# reaped, which spun this loop forever (and a TERM trap kept it alive). `wait PID` returns the
-# status bash remembered for an exited child; kill -0 fails once bash has reaped it.
 while (( ${#live[@]} > 0 )); do
+  done_pid=""
+  set +e
+  wait -n -p done_pid "${live[@]}"
+  rc=$?
+  set -e
+  if [[ -z "${done_pid:-}" ]]; then
+    (( rc != 127 )) && continue  # woken by a forwarded signal
+    # 127 and no pid: bash had already reaped a child, and `wait -n` would return this at
+    # once forever (a busy loop deaf to TERM behind its trap). Find the exited one instead.
+    for p in "${live[@]}"; do
+      if ! kill -0 "$p" 2>/dev/null; then
+        set +e; wait "$p"; rc=$?; set -e
+        (( rc == 127 )) && rc=1  # its status is lost: count it as a failure
+        done_pid=$p
+        break
+      fi
+    done
+    [[ -z "$done_pid" ]] && { sleep 0.2; continue; }
+  fi
   rest=()
-  for p in "${live[@]}"; do
-    if kill -0 "$p" 2>/dev/null; then rest+=("$p"); continue; fi
-    set +e; wait "$p"; rc=$?; set -e
-    if (( rc != 0 && status == 0 )); then
-      status=$rc
-      echo "local_multiprocess: process $p exited with status $rc; stopping the others" >&2
-      for q in "${live[@]}"; do [[ "$q" != "$p" ]] && kill -s KILL "$q" 2>/dev/null || true; done
-    fi
-  done
+  for p in "${live[@]}"; do [[ "$p" != "$done_pid" ]] && rest+=("$p"); done
   live=("${rest[@]+"${rest[@]}"}")
-  (( ${#live[@]} > 0 )) && sleep 0.2
+  if (( rc != 0 && status == 0 )); then
+    status=$rc
+    echo "local_multiprocess: process $done_pid exited with status $rc; stopping the others" >&2
+    for p in "${live[@]+"${live[@]}"}"; do kill -s KILL "$p" 2>/dev/null || true; done
+  fi
 done
 exit "$status"
