@@ -18,27 +18,17 @@ on teacher layers 6, 12, 18 and 24 (1-based), Adam(0, 0.99) lr 1e-4, LeCam regul
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 from softdimo_jax.core.defaults import default_gan_config
-
-
-def _distill_config(preset: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskbit_imagenet256_distill.py")
-    spec = importlib.util.spec_from_file_location("maskbit_imagenet256_distill", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+from softdimo_jax.runtime.config_files import sibling_config_module
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # config.distill is replaced by the distillation run's saved settings at run time
     # (pipelines.at_scale.with_distill_settings): its state is restored. Only where it runs
     # (distill.num_devices / fsdp) and empty checkpoint paths are this run's own.
-    c = _distill_config(preset).copy_and_resolve_references()
+    c = sibling_config_module(__file__, "maskbit_imagenet256_distill")["get_config"](preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "gan"  # GAN refinement of the distilled state in the same workdir
     c.data = ml_collections.ConfigDict(dict(name="imagenet2012", split="train", data_dir="", image_size=256))

@@ -18,26 +18,16 @@ every weight is 0 by default and the run refuses to start until one is set. Adam
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 from softdimo_jax.core.defaults import default_reward_config
-
-
-def _load_config(name: str, preset: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+from softdimo_jax.runtime.config_files import sibling_config_module
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # config.distill (and config.gan when reward.source='gan') are replaced by the saved
     # settings of those runs in this workdir at run time (their states are restored).
-    c = _load_config("maskbit_imagenet256_gan", preset).copy_and_resolve_references()
+    c = sibling_config_module(__file__, "maskbit_imagenet256_gan")["get_config"](preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "reward"
     r = default_reward_config()

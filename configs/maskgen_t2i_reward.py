@@ -28,22 +28,12 @@ embedding of the first captions' samples (the paper's K ∈ {2, 4}, best-of-N up
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 from softdimo_jax.core.defaults import default_reward_config, default_tteo_config
+from softdimo_jax.runtime.config_files import sibling_config_module
 
 REWARDS = ("clip_score", "hps_v2", "pickscore", "image_reward")
-
-
-def _load_config(name: str, preset: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -55,7 +45,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 def t2i_reward_config(distill_config: str, preset: str) -> ml_collections.ConfigDict:
     """configs/<distill_config>.py:<preset> with the reward and TTEO blocks (also the base of
     configs/meissonic_t2i_reward.py); returned unlocked."""
-    c = _load_config(distill_config, preset).copy_and_resolve_references()
+    c = sibling_config_module(__file__, distill_config)["get_config"](preset).copy_and_resolve_references()
     c.unlock()
     c.pipeline = "t2i_reward"
     # Converted reward models (python -m softdimo_jax.convert --model openclip / hfclip).

@@ -27,16 +27,12 @@ acts). The `tiny` preset takes a few steps at a large lr so that tests see the r
 
 from __future__ import annotations
 
-import os
-import runpy
-
 import ml_collections
 
-_MASKGEN_REWARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskgen_t2i_reward.py")
-
+from softdimo_jax.runtime.config_files import sibling_config_module
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-    c = runpy.run_path(_MASKGEN_REWARD)["t2i_reward_config"]("meissonic_t2i_distill", preset)
+    c = sibling_config_module(__file__, "maskgen_t2i_reward")["t2i_reward_config"]("meissonic_t2i_distill", preset)
     if c.preset == "tiny":
         r = c.reward
         r.num_steps, r.gen_lr, r.gen_warmup_steps = 4, 1e-2, 1

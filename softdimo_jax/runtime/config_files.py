@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import runpy
 import sys
 
 from absl import flags
@@ -69,3 +70,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise config_error(e, argv) from e
     except (FileNotFoundError, OSError, SyntaxError) as e:
         raise BadInput(f"cannot load the config: {one_line(e)} — pass an existing config file") from e
+
+
+def sibling_config_module(config_file: str, name: str) -> dict:
+    """The namespace of configs/<name>.py beside `config_file` (configs build on each other:
+    GAN on distillation, reward on GAN or distillation), e.g. `[...]["get_config"](preset)`."""
+    return runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
