@@ -4,6 +4,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from softdimo_jax.pipelines import phases
@@ -38,3 +39,19 @@ def distill_stepper(distiller, teacher_params, compiler_options=FAST):
         return step_fn(state, conditions, jnp.asarray(step_number, jnp.int32), trainer.frozen)
 
     return step
+
+
+class HashTokenizer:
+    """Stand-in for the CLIP BPE tokenizer of tiny text towers (vocabulary 48): deterministic
+    ids per word, SOT 1 / EOT 45 framing, zero padding to `context_length`."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+
+    def tokenize(self, texts):
+        n = self.context_length
+        out = np.zeros((len(texts), n), np.int32)
+        for i, t in enumerate(texts):
+            ids = [1] + [2 + (sum(map(ord, w)) % 40) for w in t.split()][: n - 2] + [45]
+            out[i, : len(ids)] = ids
+        return out

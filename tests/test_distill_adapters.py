@@ -11,7 +11,7 @@ from softdimo_jax.models.clip_text import ClipTextTransformer
 from softdimo_jax.models.maskgen import MaskGenVQ
 from softdimo_jax.models.maskgit import MaskGITTransformer
 from softdimo_jax.runtime.mesh import make_mesh
-from helpers import FAST, distill_stepper
+from helpers import FAST, HashTokenizer, distill_stepper
 from softdimo_jax.core import adapters, dimo, masking, optim
 from softdimo_jax.core.defaults import default_distill_config
 from softdimo_jax.pipelines import at_scale
@@ -115,19 +115,6 @@ def test_maskgit_distills_on_8_devices(maskgit):
 T, TW = 6, 16
 
 
-class _HashTokenizer:
-    """Stand-in for the CLIP BPE tokenizer: deterministic ids per word, SOT/EOT framing."""
-
-    context_length = T
-
-    def tokenize(self, texts):
-        out = np.zeros((len(texts), T), np.int32)
-        for i, t in enumerate(texts):
-            ids = [1] + [2 + (sum(map(ord, w)) % 40) for w in t.split()][: T - 2] + [45]
-            out[i, : len(ids)] = ids
-        return out
-
-
 @pytest.fixture(scope="module")
 def text_tower():
     clip = ClipTextTransformer(vocab_size=48, context_length=T, width=TW, heads=2, layers=2, embed_dim=TW,
@@ -162,11 +149,11 @@ def test_prompt_file_reading_sharding_and_batches(tmp_path, text_tower):
         prompts.shard_prompts(caps[:1], 1, 2)
 
     clip, cp = text_tower
-    table = prompts.load_prompt_conditions(str(p), clip, cp, _HashTokenizer(), chunk=2)
+    table = prompts.load_prompt_conditions(str(p), clip, cp, HashTokenizer(T), chunk=2)
     assert table.condition.shape == (3, T, TW) and table.pooled.shape == (3, 1, TW)
     assert table.null_condition.shape == (1, T, TW) and table.null_pooled.shape == (1, 1, TW)
     # Chunked encoding equals one forward over all captions (+ the null prompt).
-    ids = _HashTokenizer().tokenize(table.captions + [""])
+    ids = HashTokenizer(T).tokenize(table.captions + [""])
     out = _jit(clip.apply)({"params": cp}, ids)
     np.testing.assert_allclose(table.condition, np.asarray(out.penultimate[:3]), atol=1e-5)
     np.testing.assert_allclose(table.null_pooled, np.asarray(out.pooled[3:]), atol=1e-5)
@@ -180,7 +167,7 @@ def test_prompt_file_reading_sharding_and_batches(tmp_path, text_tower):
 @pytest.fixture(scope="module")
 def caption_table(text_tower):
     clip, cp = text_tower
-    return prompts.encode_prompt_table(clip, cp, _HashTokenizer(), CAPTIONS, null_prompt="", chunk=8)
+    return prompts.encode_prompt_table(clip, cp, HashTokenizer(T), CAPTIONS, null_prompt="", chunk=8)
 
 
 def test_maskgen_adapter_cfg_uses_null_condition(maskgen, caption_table):

@@ -22,7 +22,7 @@ from softdimo_jax.runtime.trainer import Trainer
 from softdimo_jax.sampling.maskgen_sampler import maskgen_one_step
 from softdimo_jax.sampling.t2i_tteo import make_t2i_tteo_sampler
 
-from helpers import FAST
+from helpers import FAST, HashTokenizer
 B, K, L, T, TW = 8, 16, 8, 6, 16
 CAPTIONS = ["a red cube", "two dogs on a beach", "a bowl of soup", "snowy mountain at dawn"]
 
@@ -119,19 +119,6 @@ def test_each_reward_gets_its_own_prompt_inputs(reward_models, bpe):
 # --------------------------------------------------------------------------- MaskGen
 
 
-class _HashTokenizer:
-    """Stand-in for the CLIP BPE tokenizer of MaskGen's conditions (tiny vocabulary)."""
-
-    context_length = T
-
-    def tokenize(self, texts):
-        out = np.zeros((len(texts), T), np.int32)
-        for i, t in enumerate(texts):
-            ids = [1] + [2 + (sum(map(ord, w)) % 40) for w in t.split()][: T - 2] + [45]
-            out[i, : len(ids)] = ids
-        return out
-
-
 @pytest.fixture(scope="module")
 def t2i(reward_models, bpe, fast_jit):
     clip = ClipTextTransformer(vocab_size=48, context_length=T, width=TW, heads=2, layers=2, embed_dim=TW, eos_id=45)
@@ -146,7 +133,7 @@ def t2i(reward_models, bpe, fast_jit):
     tp = jax.jit(tok.init)(jax.random.PRNGKey(4), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, T, TW)))["params"]
     rset = rewards.build_reward_set({"hps_v2": 1.0, "pickscore": 0.1}, t2i_reward_models=reward_models,
                                     prompt_tokenizer=bpe)
-    table = prompts.encode_prompt_table(clip, cp, _HashTokenizer(), CAPTIONS, null_prompt="", text_guidance=True)
+    table = prompts.encode_prompt_table(clip, cp, HashTokenizer(T), CAPTIONS, null_prompt="", text_guidance=True)
     table = table.with_extra(reward_text=t2i_reward.prompt_reward_inputs(rset, table.captions))
     plain = make_t2i_tteo_sampler(m, tok, rset, steps=0, temperature=1.0, mesh=make_mesh(8))  # compiled once
     return m, mp, tok, tp, rset, table, plain
