@@ -207,14 +207,21 @@ def test_kill9_then_restart_resumes_exactly_and_sigterm_saves_every_process(runs
     pids = [int((o1 / f"pid_{i}").read_text()) for i in (0, 1)]
     os.kill(pids[1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGKILL and "stopping the others" in output, output
+    # Usually the launcher sees process 1's SIGKILL (137) first; on a loaded host process 0 can
+    # notice the dead peer (a gloo connection reset) and exit with an error before that.
+    assert proc.returncode != 0 and "stopping the others" in output, output
     assert not alive(pids[0]) and not alive(pids[1])
     killed_at = max(progress(o1, 0)[-1], progress(o1, 1)[-1])
     assert killed_at < DISTILL_STEPS  # it was mid-run
     committed = finalized(ckpts)
     assert committed and max(committed) <= killed_at
-    # The lock of the killed run is still there, naming process 0, which is gone.
-    assert json.loads(lock.read_text())["pid"] == pids[0]
+    # The lock of the killed run is still there, naming process 0, which is gone. (If process 0
+    # noticed the dead peer and exited by itself before the launcher's SIGKILL reached it, it
+    # released the lock, as it should: then plant the lock a process 0 killed first leaves.)
+    if lock.exists():
+        assert json.loads(lock.read_text())["pid"] == pids[0]
+    else:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pids[0], "started": "killed run"}))
     # A save cut off by a kill leaves orbax's temporary directory: make one for the next
     # step, with half of the committed checkpoint's files, which must never be restored.
     partial = ckpts / f"{max(committed) + 1}.orbax-checkpoint-tmp"

@@ -151,6 +151,15 @@ def test_config_found_from_another_directory(tmp_path):
     assert "batch_size=-1" in lines[-1]
 
 
+def test_main_help_lists_the_flags():
+    """--help is absl's usage (the flags are parsed before app.run, which defines it)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "softdimo_jax.main", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert "--workdir" in proc.stdout and "Unknown command line flag" not in proc.stdout + proc.stderr, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_main_debug_shows_traceback(tmp_path):
     rc, lines, err = _main(["--config=configs/digits.py:smoke", "--config.teacher.train.num_steps=0",
                             "--debug", f"--workdir={tmp_path}"])

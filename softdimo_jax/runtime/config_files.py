@@ -9,7 +9,7 @@ import pathlib
 import runpy
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from softdimo_jax.runtime.errors import BadInput, one_line
 
@@ -62,6 +62,7 @@ def config_error(e: BaseException, argv: list[str]) -> BadInput:
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses the flags now, so that a bad override or config file is one line, not absl's
     traceback; returns the arguments left over."""
+    app.define_help_flags()  # --help / --helpfull (app.run defines them, but it parses after us)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
