@@ -19,7 +19,9 @@ chip's HBM, FLOPs per step and per image, and, last, one line scripts read:
 peak's straight line in the batch, then checks its prediction (stepping down until it
 fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
 peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
-`--find_batch`, four compiles fit peak(depth, batch)). `--topology=cpu:N` compiles for N
+`--find_batch`, four compiles fit peak(depth, batch)). The FLOPs come out exact; the peak
+can be far off on TPU, whose compiler changes its memory choices with depth, so a "no" or
+a near fit wants a full-depth compile. `--topology=cpu:N` compiles for N
 local CPU devices (the memory a CPU run needs);
 `--topology=h100:N` for N H100 80GB GPUs (memory only: XLA's GPU compiler reports no FLOPs;
 needs the `gpu_aot` extra, jax's CUDA plugin, but no GPU or driver).
@@ -480,6 +482,10 @@ def report(r: dict, topology: str, phase: str) -> list[str]:
              f"compiled in {r['seconds']:.1f}s"]
     if r.get("extrapolated"):
         lines.append(f"  ESTIMATE: linear in the teacher's layers, compiled at {r['extrapolated']}")
+        # Measured: FLOPs extrapolate exactly, the peak need not (the TPU compiler's memory
+        # choices change with depth: MaskBit distill x v6e:4x4 estimated 91.7 GiB, compiled 16.8).
+        lines.append("  (FLOPs extrapolate exactly; the peak is a guide only: confirm a no or a near fit "
+                     "with a full-depth compile, i.e. without --depths)")
     if "memory" in r:
         for k, v in r["memory"].items():
             lines.append(f"  per device {k:>15}: {gib(v)}")
