@@ -20,8 +20,9 @@ peak's straight line in the batch, then checks its prediction (stepping down unt
 fits). `--depths=D1,D2` compiles the teacher at two shallower depths and extrapolates
 peak and FLOPs linearly to the full depth (an estimate, said so in the output; with
 `--find_batch`, four compiles fit peak(depth, batch)). The FLOPs come out exact; the peak
-can be far off on TPU, whose compiler changes its memory choices with depth, so a "no" or
-a near fit wants a full-depth compile. `--topology=cpu:N` compiles for N
+can be far off either way on TPU, whose compiler changes its memory choices with depth
+(measured: 5.5x high on v6e:4x4, 13% low on v5e:4x4), so confirm the slice you will run
+on with a full-depth compile. `--topology=cpu:N` compiles for N
 local CPU devices (the memory a CPU run needs);
 `--topology=h100:N` for N H100 80GB GPUs (memory only: XLA's GPU compiler reports no FLOPs;
 needs the `gpu_aot` extra, jax's CUDA plugin, but no GPU or driver).
@@ -483,8 +484,9 @@ def report(r: dict, topology: str, phase: str) -> list[str]:
     if r.get("extrapolated"):
         lines.append(f"  ESTIMATE: linear in the teacher's layers, compiled at {r['extrapolated']}")
         # Measured: FLOPs extrapolate exactly, the peak need not (the TPU compiler's memory
-        # choices change with depth: MaskBit distill x v6e:4x4 estimated 91.7 GiB, compiled 16.8).
-        lines.append("  (FLOPs extrapolate exactly; the peak is a guide only: confirm a no or a near fit "
+        # choices change with depth: MaskBit distill estimated 91.7 GiB on v6e:4x4, compiled
+        # 16.8; estimated 14.6 on v5e:4x4, compiled 16.9).
+        lines.append("  (FLOPs extrapolate exactly; the peak is a rough guide, off either way: confirm "
                      "with a full-depth compile, i.e. without --depths)")
     if "memory" in r:
         for k, v in r["memory"].items():
