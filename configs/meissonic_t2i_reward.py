@@ -31,6 +31,7 @@ import ml_collections
 
 from softdimo_jax.runtime.config_files import sibling_config_module
 
+
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c = sibling_config_module(__file__, "maskgen_t2i_reward")["t2i_reward_config"]("meissonic_t2i_distill", preset)
     if c.preset == "tiny":
